@@ -1,0 +1,17 @@
+"""GGN operators: full and layerwise (block-diagonal) Gauss-Newton curvature."""
+
+from gnopt.curvature.blocks import default_block_labels, leaf_block_ids
+from gnopt.curvature.ggn import (
+    AbstractCurvature,
+    FullCurvature,
+    LayerwiseCurvature,
+    LinearisedModel,
+    full,
+    ggn_mvp,
+    layerwise,
+)
+
+__all__ = [
+    "AbstractCurvature", "FullCurvature", "LayerwiseCurvature", "LinearisedModel",
+    "default_block_labels", "full", "ggn_mvp", "layerwise", "leaf_block_ids",
+]

@@ -1,0 +1,170 @@
+"""Matrix-free generalised Gauss-Newton products through one shared linearisation.
+
+For a model ``z = f(θ, x)`` and a loss ``ℓ(z, y)``, at the anchor ``θ0``:
+
+* ``J = ∂f/∂θ (θ0)``, ``g = Jᵀ ∇_z ℓ``, ``G = Jᵀ H_z J`` with ``H_z = ∇²_z ℓ``
+  (Martens 2010; Schraudolph 2002; Abreu et al. 2025 eq. for ``G``).
+* ``G v = Jᵀ (H_z (J v))``: one ``jax.linearize`` gives ``z0`` and the map
+  ``v ↦ J v``; its transpose gives ``c ↦ Jᵀ c``. The primal pass is shared by
+  every product, so a product costs a tangent pass plus a transpose pass.
+* Layerwise (block-diagonal) ``G``: ``(G v)_k = J_kᵀ H_z J_k v_k`` per block
+  ``k`` — each block sees only its own parameters move.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from gnopt.curvature import blocks as _blocks
+from gnopt.losses import LossFn, loss_grad, loss_hvp
+
+
+def _check_batch(batch):
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise ValueError(
+            "batch must be a pair (inputs, targets); got "
+            f"{type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+    return batch
+
+
+class LinearisedModel:
+    """The model linearised at ``θ0`` on one batch: ``f(θ0) + J Δ``.
+
+    Built once per batch (one primal pass). All products below reuse it.
+
+    Attributes:
+      outputs: ``z0 = f(θ0, x)``.
+      block_ids: the block of each parameter leaf (all zero for the full GGN).
+      num_blocks: number of diagonal blocks.
+    """
+
+    def __init__(self, apply_fn: Callable, loss_fn: LossFn, params, batch,
+                 blocks=None):
+        inputs, self.targets = _check_batch(batch)
+        self.loss_fn = loss_fn
+        self.params = params
+        self.outputs, self._jvp = jax.linearize(lambda p: apply_fn(p, inputs), params)
+        self._vjp = jax.linear_transpose(self._jvp, params)
+        self.block_ids, self.block_names = _blocks.leaf_block_ids(params, blocks)
+        self.num_blocks = len(self.block_names)
+
+    # -- primitive maps -------------------------------------------------
+    def jvp(self, v):
+        """``J v`` (output space)."""
+        return self._jvp(v)
+
+    def vjp(self, c):
+        """``Jᵀ c`` (parameter space)."""
+        (out,) = self._vjp(c)
+        return out
+
+    def loss(self, outputs=None):
+        """``ℓ(z, y)`` at ``z0`` or at the given outputs."""
+        return self.loss_fn(self.outputs if outputs is None else outputs, self.targets)
+
+    def output_grad(self, outputs=None):
+        """``∇_z ℓ`` at ``z0`` or at the given outputs."""
+        return loss_grad(self.loss_fn, self.outputs if outputs is None else outputs, self.targets)
+
+    def output_hvp(self, u):
+        """``H_z u`` at ``z0``."""
+        return loss_hvp(self.loss_fn, self.outputs, self.targets, u)
+
+    # -- derived --------------------------------------------------------
+    def gradient(self):
+        """``g = Jᵀ ∇_z ℓ(z0)``: the loss gradient, from the shared linearisation."""
+        return self.vjp(self.output_grad())
+
+    def block_tangents(self, v) -> list:
+        """``[J_k v_k for each block k]`` (one tangent pass per block)."""
+        if self.num_blocks == 1:
+            return [self.jvp(v)]
+        return [self.jvp(_blocks.restrict(v, self.block_ids, k)) for k in range(self.num_blocks)]
+
+    def block_pullback(self, cotangents: list):
+        """Merges ``(J_kᵀ c_k)_k`` over blocks: leaf from its own block's pull-back."""
+        if self.num_blocks == 1:
+            return self.vjp(cotangents[0])
+        return _blocks.select([self.vjp(c) for c in cotangents], self.block_ids)
+
+    def ggn_mvp(self, v):
+        """``G v`` (block-diagonal ``G`` when the model has several blocks)."""
+        return self.block_pullback([self.output_hvp(u) for u in self.block_tangents(v)])
+
+    def block_vdot(self, a, b):
+        """Per-block inner products ``⟨a_k, b_k⟩`` (shape ``[num_blocks]``)."""
+        return _blocks.block_vdot(a, b, self.block_ids, self.num_blocks)
+
+    def quadratic(self, delta, damping=0.0):
+        """Per-block GN model decrease ``q_k(Δ) = g_kᵀΔ_k + ½ Δ_kᵀ(G_kk + δI)Δ_k``.
+
+        The GN quadratic of the whole step is ``ℓ(z0) + Σ_k q_k``.
+        """
+        gd = self.block_vdot(self.gradient(), delta)
+        curv = self.block_vdot(delta, self.ggn_mvp(delta)) + damping * self.block_vdot(delta, delta)
+        return gd + 0.5 * curv
+
+
+def ggn_mvp(apply_fn: Callable, loss_fn: LossFn, params, batch, v, *, blocks=None):
+    """Generalised Gauss-Newton-vector product ``G v = Jᵀ H_z J v``.
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs``.
+      loss_fn: ``loss_fn(outputs, targets) -> scalar``; closed-form ``H_z`` for
+        :mod:`gnopt.losses` losses, autodiff in output space otherwise.
+      params: the anchor ``θ0``.
+      batch: ``(inputs, targets)``.
+      v: a pytree like ``params``.
+      blocks: ``None`` for the full GGN; a labelling (callable or pytree, see
+        :func:`gnopt.curvature.default_block_labels`) for its block diagonal.
+
+    Returns:
+      ``G v``, a pytree like ``params``.
+    """
+    return LinearisedModel(apply_fn, loss_fn, params, batch, blocks).ggn_mvp(v)
+
+
+class AbstractCurvature(eqx.Module):
+    """Which GGN a Gauss-Newton step uses: full or block-diagonal."""
+
+    def block_fn(self):
+        """The block labelling (``None`` for the full GGN)."""
+        raise NotImplementedError
+
+    def linearise(self, apply_fn, loss_fn, params, batch) -> LinearisedModel:
+        """The model linearised at ``params`` on ``batch``, with this curvature's blocks."""
+        return LinearisedModel(apply_fn, loss_fn, params, batch, self.block_fn())
+
+
+class FullCurvature(AbstractCurvature):
+    """The full GGN ``G = Jᵀ H_z J`` (Abreu et al. 2025, "full GN")."""
+
+    def block_fn(self):
+        return None
+
+
+class LayerwiseCurvature(AbstractCurvature):
+    """Block-diagonal GGN: each block solved with the others frozen at ``θ0``.
+
+    Attributes:
+      blocks: ``params -> labels`` (default :func:`default_block_labels`).
+    """
+
+    blocks: Callable[[Any], Any] = eqx.field(static=True, default=_blocks.default_block_labels)
+
+    def block_fn(self):
+        return self.blocks
+
+
+def full() -> FullCurvature:
+    """The full GGN."""
+    return FullCurvature()
+
+
+def layerwise(blocks: Callable[[Any], Any] | None = None) -> LayerwiseCurvature:
+    """The block-diagonal GGN, blocks from ``blocks(params)`` (default: per layer)."""
+    return LayerwiseCurvature(blocks or _blocks.default_block_labels)

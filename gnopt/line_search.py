@@ -1,0 +1,105 @@
+"""Line searches on the true loss along a GN direction (Abreu et al. 2025, §4).
+
+A search picks ``α`` for ``θ0 + α Δ`` given ``loss_at(α)``, the true loss on
+(ideally fresh) data. Neither search returns a point worse than ``α = 0``
+unless ``allow_increase=True``: the step is then skipped (``α = 0``).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable, ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+
+class AbstractLineSearch(eqx.Module):
+    """Chooses a step size along a direction."""
+
+    stat_names: ClassVar[tuple[str, ...]] = ("line_search_loss", "line_search_evals")
+
+    @abc.abstractmethod
+    def search(self, loss_at: Callable[[jax.Array], jax.Array], loss0, slope) -> tuple[jax.Array, dict]:
+        """Returns ``(α, stats)``.
+
+        Args:
+          loss_at: ``α ↦`` true loss at ``θ0 + α Δ``.
+          loss0: ``loss_at(0)``.
+          slope: directional derivative ``gᵀΔ`` at ``α = 0`` (may be unused).
+        """
+
+
+class GridLineSearch(AbstractLineSearch):
+    """Best of ``α ∈ {scale · 2^(−i/2) : i = 0..num−1}`` (the paper: num 5, 10 for layerwise).
+
+    All candidates are evaluated (``lax.map``: one loss evaluation each).
+    """
+
+    num: int = eqx.field(static=True, default=5)
+    scale: float = eqx.field(static=True, default=1.0)
+    allow_increase: bool = eqx.field(static=True, default=False)
+
+    def candidates(self) -> jax.Array:
+        return self.scale * 2.0 ** (-jnp.arange(self.num) / 2.0)
+
+    def search(self, loss_at, loss0, slope):
+        alphas = self.candidates()
+        losses = jax.lax.map(loss_at, alphas)
+        losses = jnp.where(jnp.isfinite(losses), losses, jnp.inf)
+        best = jnp.argmin(losses)
+        alpha, loss = alphas[best], losses[best]
+        accept = (loss < loss0) | self.allow_increase & jnp.isfinite(loss)
+        return jnp.where(accept, alpha, 0.0), {
+            "line_search_loss": jnp.where(accept, loss, loss0),
+            "line_search_evals": jnp.asarray(self.num),
+        }
+
+
+class BacktrackingLineSearch(AbstractLineSearch):
+    """Armijo backtracking: shrink ``α`` until ``L(α) ≤ L(0) + c α gᵀΔ``."""
+
+    init: float = eqx.field(static=True, default=1.0)
+    shrink: float = eqx.field(static=True, default=0.5)
+    c: float = eqx.field(static=True, default=1e-4)
+    max_evals: int = eqx.field(static=True, default=10)
+    allow_increase: bool = eqx.field(static=True, default=False)
+
+    def __check_init__(self):
+        if not 0.0 < self.shrink < 1.0:
+            raise ValueError(f"backtracking shrink must be in (0, 1), got {self.shrink}")
+
+    def search(self, loss_at, loss0, slope):
+        def armijo(alpha, loss):
+            return jnp.isfinite(loss) & (loss <= loss0 + self.c * alpha * jnp.minimum(slope, 0.0))
+
+        def cond(carry):
+            i, alpha, loss = carry
+            return (i < self.max_evals) & ~armijo(alpha, loss)
+
+        def body(carry):
+            i, alpha, _ = carry
+            alpha = alpha * self.shrink
+            return i + 1, alpha, loss_at(alpha)
+
+        alpha0 = jnp.asarray(self.init, jnp.result_type(float))
+        evals, alpha, loss = jax.lax.while_loop(cond, body, (jnp.asarray(1), alpha0, loss_at(alpha0)))
+        accept = armijo(alpha, loss) & ((loss < loss0) | self.allow_increase)
+        return jnp.where(accept, alpha, 0.0), {
+            "line_search_loss": jnp.where(accept, loss, loss0),
+            "line_search_evals": evals,
+        }
+
+
+def grid(num: int = 5, scale: float = 1.0, allow_increase: bool = False) -> GridLineSearch:
+    """The paper's grid ``{2^(−i/2)}``, ``i < num``."""
+    if num < 1:
+        raise ValueError(f"line_search.grid: num must be >= 1, got {num}")
+    return GridLineSearch(num, scale, allow_increase)
+
+
+def backtracking(init: float = 1.0, shrink: float = 0.5, c: float = 1e-4, max_evals: int = 10,
+                 allow_increase: bool = False) -> BacktrackingLineSearch:
+    """Armijo backtracking from ``init``."""
+    return BacktrackingLineSearch(init, shrink, c, max_evals, allow_increase)

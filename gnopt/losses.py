@@ -1,0 +1,138 @@
+"""Losses on model outputs, with their output-space Hessians in closed form.
+
+A loss is called as ``loss(outputs, targets) -> scalar``. The GGN product needs
+``H_z u`` where ``H_z = ∇²_z loss``. The losses here give it in closed form
+(:meth:`AbstractLoss.hvp`); any other callable falls back to
+:func:`loss_hvp`, a forward-over-reverse product in output space (cheap: it does
+not touch the model).
+
+Targets for cross-entropy are integer labels ``[...]`` or a pair
+``(labels, mask)``; the loss is the mean over the tokens where ``mask`` is
+non-zero (Martens 2010; Abreu et al. 2025 §3).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+LossFn = Callable[[Any, Any], Array]
+
+
+def _labels_and_weights(targets, shape) -> tuple[Array, Array]:
+    """Splits CE targets into labels and per-token weights summing to one."""
+    if isinstance(targets, (tuple, list)):
+        if len(targets) != 2:
+            raise ValueError(
+                "cross-entropy targets must be labels or a pair (labels, mask); "
+                f"got a sequence of length {len(targets)}")
+        labels, mask = targets
+        mask = jnp.asarray(mask)
+    else:
+        labels, mask = targets, None
+    labels = jnp.asarray(labels)
+    if labels.shape != shape:
+        raise ValueError(
+            f"cross-entropy labels have shape {labels.shape}, expected the logits' "
+            f"leading shape {shape}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"cross-entropy labels must be integers, got {labels.dtype}")
+    if mask is None:
+        weights = jnp.full(shape, 1.0 / max(1, labels.size), jnp.float32)
+    else:
+        if mask.shape != shape:
+            raise ValueError(f"mask has shape {mask.shape}, expected {shape}")
+        mask = mask.astype(jnp.float32)
+        weights = mask / jnp.maximum(mask.sum(), 1.0)
+    return labels, weights
+
+
+class AbstractLoss(eqx.Module):
+    """A loss on outputs whose Hessian-vector product is known in closed form."""
+
+    @abc.abstractmethod
+    def __call__(self, outputs, targets) -> Array:
+        """The scalar loss."""
+
+    @abc.abstractmethod
+    def hvp(self, outputs, targets, u) -> Any:
+        """``∇²_z loss(z, y) · u`` at ``z = outputs``."""
+
+    def grad(self, outputs, targets) -> Any:
+        """``∇_z loss(z, y)``."""
+        return jax.grad(self.__call__)(outputs, targets)
+
+
+class SoftmaxCrossEntropy(AbstractLoss):
+    """Mean softmax cross-entropy over tokens (optionally masked).
+
+    ``ℓ = Σ_t w_t (logsumexp(z_t) − z_t[y_t])`` with ``w_t = m_t / Σ m``.
+    Per token the Hessian is ``w_t (diag(p_t) − p_t p_tᵀ)``, ``p_t = softmax(z_t)``,
+    so ``H u = w_t (p ⊙ u − p Σ(p ⊙ u))`` — PSD, never materialised.
+    """
+
+    def __call__(self, outputs, targets):
+        z = outputs.astype(jnp.float32)
+        labels, w = _labels_and_weights(targets, z.shape[:-1])
+        logz = jax.nn.logsumexp(z, axis=-1)
+        picked = jnp.take_along_axis(z, labels[..., None], axis=-1)[..., 0]
+        return jnp.sum(w * (logz - picked))
+
+    def grad(self, outputs, targets):
+        z = outputs.astype(jnp.float32)
+        labels, w = _labels_and_weights(targets, z.shape[:-1])
+        p = jax.nn.softmax(z, axis=-1)
+        onehot = jax.nn.one_hot(labels, z.shape[-1], dtype=p.dtype)
+        return ((p - onehot) * w[..., None]).astype(outputs.dtype)
+
+    def hvp(self, outputs, targets, u):
+        z = outputs.astype(jnp.float32)
+        _, w = _labels_and_weights(targets, z.shape[:-1])
+        p = jax.nn.softmax(z, axis=-1)
+        pu = p * u.astype(jnp.float32)
+        hu = pu - p * jnp.sum(pu, axis=-1, keepdims=True)
+        return (hu * w[..., None]).astype(u.dtype)
+
+
+class MeanSquaredError(AbstractLoss):
+    """``ℓ = ½ mean((z − y)²)`` over all elements; ``H = I / size``."""
+
+    def __call__(self, outputs, targets):
+        targets = jnp.asarray(targets)
+        if targets.shape != outputs.shape:
+            raise ValueError(
+                f"MSE targets have shape {targets.shape}, outputs {outputs.shape}")
+        return 0.5 * jnp.mean((outputs - targets) ** 2)
+
+    def grad(self, outputs, targets):
+        return (outputs - targets) / outputs.size
+
+    def hvp(self, outputs, targets, u):
+        return u / outputs.size
+
+
+softmax_cross_entropy = SoftmaxCrossEntropy()
+mean_squared_error = MeanSquaredError()
+
+
+def loss_grad(loss_fn: LossFn, outputs, targets):
+    """``∇_z loss`` (closed form where the loss provides it)."""
+    if isinstance(loss_fn, AbstractLoss):
+        return loss_fn.grad(outputs, targets)
+    return jax.grad(loss_fn)(outputs, targets)
+
+
+def loss_hvp(loss_fn: LossFn, outputs, targets, u):
+    """``∇²_z loss · u`` (closed form where the loss provides it).
+
+    For a generic loss this is forward-over-reverse in output space; it is the
+    GGN only if the loss is convex in the outputs.
+    """
+    if isinstance(loss_fn, AbstractLoss):
+        return loss_fn.hvp(outputs, targets, u)
+    return jax.jvp(lambda z: jax.grad(loss_fn)(z, targets), (outputs,), (u,))[1]

@@ -1,0 +1,17 @@
+"""Solvers of the GN model: CG, inner optimizer, GN-prox-linear."""
+
+from gnopt.solvers.base import AbstractSolver
+from gnopt.solvers.cg import ConjugateGradient, cg
+from gnopt.solvers.inner import (
+    InnerOptimizer,
+    inner_adamw,
+    inner_muon,
+    inner_optimizer,
+    prox_linear,
+    split_microbatches,
+)
+
+__all__ = [
+    "AbstractSolver", "ConjugateGradient", "InnerOptimizer", "cg", "inner_adamw",
+    "inner_muon", "inner_optimizer", "prox_linear", "split_microbatches",
+]

@@ -1,0 +1,35 @@
+"""The solver interface: approximately minimise the GN model ``q`` of one outer step."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import equinox as eqx
+
+from gnopt.curvature import AbstractCurvature
+
+
+class AbstractSolver(eqx.Module):
+    """Approximately solves ``min_Δ g_kᵀΔ_k + ½ Δ_kᵀ(G_kk + δI)Δ_k`` per block ``k``.
+
+    Concrete solvers are final classes; each is usable wherever another is.
+    """
+
+    stat_names: ClassVar[tuple[str, ...]] = ()  # scalar entries of ``stats``
+
+    @abc.abstractmethod
+    def solve(self, apply_fn, loss_fn, curvature: AbstractCurvature, params, batch,
+              delta0, damping) -> tuple[Any, dict]:
+        """Returns ``(Δ, stats)``.
+
+        Args:
+          apply_fn, loss_fn: the model and the loss.
+          curvature: full or layerwise GGN.
+          params: the anchor ``θ0``.
+          batch: ``(inputs, targets)`` of the outer step.
+          delta0: warm start (a pytree like ``params``).
+          damping: ``δ ≥ 0`` (a scalar, possibly traced).
+
+        ``stats`` maps names to arrays of fixed shape (scalars are logged).
+        """

@@ -1,0 +1,148 @@
+"""Inner-optimizer solvers: N optax steps on the GN model (Abreu et al. 2025, §3.2).
+
+Each inner step takes a fresh micro-batch of the outer batch, linearises the
+model there (one primal pass) and follows the gradient of
+
+* the GN quadratic ``q(Δ) = ℓ(z0) + ∇ℓᵀ JΔ + ½ (JΔ)ᵀ H_z (JΔ)``:
+  ``∇q = Jᵀ(∇_z ℓ(z0) + H_z J Δ)`` — one jvp and one transpose; or
+* the prox-linear model ``ℓ(z0 + JΔ)`` (the true loss on linearised outputs):
+  ``Jᵀ ∇_z ℓ(z0 + JΔ)``,
+
+plus the proximal term ``δ Δ``. Layerwise curvature uses ``J_k Δ_k`` per block.
+The whole loop is one ``lax.scan``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+import optax.tree_utils as otu
+
+from gnopt.schedules import inner_cosine
+from gnopt.solvers.base import AbstractSolver
+
+OptimizerOrFactory = optax.GradientTransformation | Callable[[int], optax.GradientTransformation]
+
+
+def split_microbatches(batch, inner_batch_size: int):
+    """Reshapes every leaf ``[B, ...]`` of ``batch`` to ``[B // b, b, ...]``."""
+    sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1:
+        raise ValueError(f"batch leaves disagree on the batch dimension: {sorted(sizes)}")
+    (size,) = sizes
+    if inner_batch_size < 1 or size % inner_batch_size:
+        raise ValueError(
+            f"inner_batch_size={inner_batch_size} must divide the batch size {size}")
+    n = size // inner_batch_size
+    return n, jax.tree.map(lambda x: x.reshape((n, inner_batch_size) + x.shape[1:]), batch)
+
+
+class InnerOptimizer(AbstractSolver):
+    """``N = B / inner_batch_size`` steps of an optax optimizer on the GN model.
+
+    Attributes:
+      optimizer: an optax transform, or a factory ``N -> transform`` (so a
+        schedule can span exactly the ``N`` inner steps, e.g.
+        :func:`gnopt.inner_adamw`). Its state restarts every outer step; the
+        iterate ``Δ`` is warm-started.
+      inner_batch_size: sequences per inner micro-batch (``b_inner``).
+      objective: ``"quadratic"`` (GN) or ``"prox_linear"`` (GN-prox-linear).
+    """
+
+    stat_names: ClassVar[tuple[str, ...]] = ("inner_steps", "model_first", "model_last")
+
+    optimizer: OptimizerOrFactory = eqx.field(static=True)
+    inner_batch_size: int = eqx.field(static=True)
+    objective: Literal["quadratic", "prox_linear"] = eqx.field(static=True, default="quadratic")
+
+    def __check_init__(self):
+        if self.objective not in ("quadratic", "prox_linear"):
+            raise ValueError(f"objective must be 'quadratic' or 'prox_linear', got {self.objective!r}")
+
+    def solve(self, apply_fn, loss_fn, curvature, params, batch, delta0, damping):
+        num_steps, micro = split_microbatches(batch, self.inner_batch_size)
+        opt = self.optimizer
+        if not isinstance(opt, optax.GradientTransformation):
+            opt = opt(num_steps)
+        delta0 = otu.tree_cast_like(delta0, params)
+
+        def step(carry, mb):
+            delta, opt_state = carry
+            lin = curvature.linearise(apply_fn, loss_fn, params, mb)
+            tangents = lin.block_tangents(delta)
+            if self.objective == "quadratic":
+                gz = lin.output_grad()
+                hus = [lin.output_hvp(u) for u in tangents]
+                value = sum(jnp.vdot(gz, u) + 0.5 * jnp.vdot(u, hu) for u, hu in zip(tangents, hus))
+                cotangents = [gz + hu for hu in hus]
+            else:
+                loss0 = lin.loss()
+                shifted = [lin.outputs + u for u in tangents]
+                value = sum(lin.loss(z) - loss0 for z in shifted)
+                cotangents = [lin.output_grad(z) for z in shifted]
+            grad = otu.tree_add_scale(lin.block_pullback(cotangents), damping, delta)
+            updates, opt_state = opt.update(grad, opt_state, delta)
+            return (optax.apply_updates(delta, updates), opt_state), value
+
+        (delta, _), values = jax.lax.scan(step, (delta0, opt.init(delta0)), micro)
+        return delta, {
+            "inner_steps": jnp.asarray(num_steps),
+            "model_first": values[0],
+            "model_last": values[-1],
+        }
+
+
+def inner_optimizer(optimizer: OptimizerOrFactory, inner_batch_size: int) -> InnerOptimizer:
+    """The paper's solver: an optax optimizer run on the GN quadratic."""
+    return InnerOptimizer(optimizer, inner_batch_size, "quadratic")
+
+
+def prox_linear(optimizer: OptimizerOrFactory, inner_batch_size: int) -> InnerOptimizer:
+    """GN-prox-linear: the same inner loop on the true loss of the linearised model."""
+    return InnerOptimizer(optimizer, inner_batch_size, "prox_linear")
+
+
+def _inner_schedule(learning_rate, schedule: str, warmup_fraction: float, num_steps: int):
+    if schedule == "inner_cosine":
+        return inner_cosine(learning_rate, num_steps, warmup_fraction)
+    if schedule == "constant":
+        return learning_rate
+    raise ValueError(f"schedule must be 'inner_cosine' or 'constant', got {schedule!r}")
+
+
+def inner_adamw(learning_rate: float = 1e-2, *, b1: float = 0.9, b2: float = 0.999,
+                clip: float | None = 1.0, schedule: str = "inner_cosine",
+                warmup_fraction: float = 0.1) -> Callable[[int], optax.GradientTransformation]:
+    """Inner AdamW factory (paper: betas (0.9, 0.999), clip 1.0, inner cosine)."""
+    _inner_schedule(learning_rate, schedule, warmup_fraction, 1)
+
+    def make(num_steps: int):
+        lr = _inner_schedule(learning_rate, schedule, warmup_fraction, num_steps)
+        parts = [optax.clip_by_global_norm(clip)] if clip else []
+        return optax.chain(*parts, optax.adam(lr, b1=b1, b2=b2))
+
+    return make
+
+
+def inner_muon(learning_rate: float = 1e-2, *, adam_learning_rate: float | None = None,
+               beta: float = 0.95, b1: float = 0.9, b2: float = 0.999,
+               clip: float | None = 1.0, schedule: str = "inner_cosine",
+               warmup_fraction: float = 0.1) -> Callable[[int], optax.GradientTransformation]:
+    """Inner Muon factory: Muon on hidden matrices, Adam on the rest (the paper's default)."""
+    from gnopt.transforms.muon import muon
+
+    _inner_schedule(learning_rate, schedule, warmup_fraction, 1)
+
+    def make(num_steps: int):
+        lr = _inner_schedule(learning_rate, schedule, warmup_fraction, num_steps)
+        adam_lr = lr if adam_learning_rate is None else _inner_schedule(
+            adam_learning_rate, schedule, warmup_fraction, num_steps)
+        parts = [optax.clip_by_global_norm(clip)] if clip else []
+        return optax.chain(*parts, muon(lr, beta=beta, adam_learning_rate=adam_lr,
+                                        adam_b1=b1, adam_b2=b2))
+
+    return make

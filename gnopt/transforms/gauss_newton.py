@@ -1,0 +1,123 @@
+"""``gauss_newton``: a Gauss-Newton outer step as an optax transformation.
+
+One outer step at ``θ0`` on ``batch`` (Abreu et al. 2025, §3; Martens 2010):
+
+1. ``Δ ≈ argmin_Δ q(Δ)``, ``q(Δ) = gᵀΔ + ½ Δᵀ(G + δI)Δ`` (full or layerwise
+   ``G``), by the chosen solver, warm-started from the last solution;
+2. ``α`` by a line search of ``L(θ0 + α·η·Δ)`` on the true loss of
+   ``line_search_batch`` (default: the step's batch);
+3. the update ``α·η·Δ`` (``η``: ``learning_rate``, a float or a schedule).
+
+The incoming ``updates`` (gradients) are not used: ``g`` comes from the same
+linearisation as ``G``. Put clipping *after* this transform to clip the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+import optax.tree_utils as otu
+
+from gnopt.curvature import AbstractCurvature, full
+from gnopt.line_search import AbstractLineSearch
+from gnopt.solvers import AbstractSolver, cg
+
+
+class GaussNewtonState(NamedTuple):
+    """State of :func:`gauss_newton`."""
+
+    count: jax.Array  # outer steps taken
+    warm_start: Any  # last solution Δ (times the warm-start factor)
+    diagnostics: dict  # scalars of the last step, logged by the trainer
+
+
+def _require_batch(name: str, params, batch):
+    if params is None:
+        raise ValueError(f"{name}.update needs params")
+    if batch is None:
+        raise ValueError(f"{name}.update needs the keyword argument batch=(inputs, targets)")
+
+
+def tree_loss(apply_fn, loss_fn, params, batch):
+    """``L(θ) = ℓ(f(θ, x), y)`` on a batch."""
+    inputs, targets = batch
+    return loss_fn(apply_fn(params, inputs), targets)
+
+
+def _learning_rate(learning_rate, count):
+    return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+def gauss_newton(
+    apply_fn: Callable,
+    loss_fn: Callable,
+    *,
+    solver: AbstractSolver | None = None,
+    curvature: AbstractCurvature | None = None,
+    line_search: AbstractLineSearch | None = None,
+    learning_rate: float | optax.Schedule = 1.0,
+    damping: float = 0.0,
+    warm_start: float = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+    """A Gauss-Newton optimizer step (full, layerwise, CG, inner optimizer, prox-linear).
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs`` (static).
+      loss_fn: ``loss_fn(outputs, targets) -> scalar`` (static).
+      solver: :func:`gnopt.solvers.cg` (default) or
+        :func:`gnopt.solvers.inner_optimizer` / :func:`gnopt.solvers.prox_linear`.
+      curvature: :func:`gnopt.curvature.full` (default) or ``layerwise()``.
+      line_search: e.g. :func:`gnopt.line_search.grid` (the paper's 5 points)
+        or ``backtracking()``; ``None`` takes ``α = 1``.
+      learning_rate: outer step size ``η`` (float or schedule of the step count).
+      damping: ``δ``, the L2 proximal term on ``Δ`` (Tikhonov damping).
+      warm_start: factor on the last solution used as the next initial ``Δ``
+        (0 disables warm starts; Martens uses 0.95).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs
+      ``params`` and ``batch=(inputs, targets)``, optionally
+      ``line_search_batch``, and ignores other keyword arguments.
+    """
+    solver = cg() if solver is None else solver
+    curvature = full() if curvature is None else curvature
+    if not isinstance(solver, AbstractSolver):
+        raise TypeError(f"gauss_newton: solver must be a gnopt solver, got {type(solver).__name__}")
+    if not isinstance(curvature, AbstractCurvature):
+        raise TypeError(f"gauss_newton: curvature must be gnopt.curvature.full() or layerwise(), got {type(curvature).__name__}")
+
+    def loss_of(params, batch):
+        return tree_loss(apply_fn, loss_fn, params, batch)
+
+    def init_fn(params):
+        names = ("loss_before", "step_size", "update_norm") + solver.stat_names
+        names += line_search.stat_names if line_search is not None else ()
+        diag = {name: jnp.zeros((), jnp.float32) for name in names}
+        return GaussNewtonState(jnp.zeros((), jnp.int32), otu.tree_zeros_like(params), diag)
+
+    def update_fn(updates, state, params=None, *, batch=None, line_search_batch=None, **extra):
+        del updates, extra
+        _require_batch("gauss_newton", params, batch)
+        delta, stats = solver.solve(apply_fn, loss_fn, curvature, params, batch,
+                                    state.warm_start, damping)
+        eta = _learning_rate(learning_rate, state.count)
+        step = otu.tree_scale(eta, delta)
+        ls_batch = batch if line_search_batch is None else line_search_batch
+        loss0 = loss_of(params, ls_batch)
+        if line_search is None:
+            alpha, ls_stats = jnp.asarray(1.0), {}
+        else:
+            slope = otu.tree_vdot(jax.grad(loss_of)(params, ls_batch), step)
+            alpha, ls_stats = line_search.search(
+                lambda a: loss_of(otu.tree_add_scale(params, a, step), ls_batch), loss0, slope)
+        new_updates = otu.tree_cast_like(otu.tree_scale(alpha, step), params)
+        diag = {"loss_before": loss0, "step_size": alpha * eta,
+                "update_norm": otu.tree_norm(new_updates), **stats, **ls_stats}
+        diag = {k: jnp.asarray(diag[k], jnp.float32) for k in state.diagnostics}
+        warm = otu.tree_scale(warm_start, delta)
+        return new_updates, GaussNewtonState(state.count + 1, warm, diag)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
