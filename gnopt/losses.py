@@ -24,6 +24,11 @@ Array = jax.Array
 LossFn = Callable[[Any, Any], Array]
 
 
+def _float(x) -> Array:
+    """``x`` in at least float32 (float64 stays float64)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _labels_and_weights(targets, shape) -> tuple[Array, Array]:
     """Splits CE targets into labels and per-token weights summing to one."""
     if isinstance(targets, (tuple, list)):
@@ -43,11 +48,11 @@ def _labels_and_weights(targets, shape) -> tuple[Array, Array]:
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"cross-entropy labels must be integers, got {labels.dtype}")
     if mask is None:
-        weights = jnp.full(shape, 1.0 / max(1, labels.size), jnp.float32)
+        weights = jnp.full(shape, 1.0 / max(1, labels.size))
     else:
         if mask.shape != shape:
             raise ValueError(f"mask has shape {mask.shape}, expected {shape}")
-        mask = mask.astype(jnp.float32)
+        mask = _float(mask)
         weights = mask / jnp.maximum(mask.sum(), 1.0)
     return labels, weights
 
@@ -77,24 +82,24 @@ class SoftmaxCrossEntropy(AbstractLoss):
     """
 
     def __call__(self, outputs, targets):
-        z = outputs.astype(jnp.float32)
+        z = _float(outputs)
         labels, w = _labels_and_weights(targets, z.shape[:-1])
         logz = jax.nn.logsumexp(z, axis=-1)
         picked = jnp.take_along_axis(z, labels[..., None], axis=-1)[..., 0]
         return jnp.sum(w * (logz - picked))
 
     def grad(self, outputs, targets):
-        z = outputs.astype(jnp.float32)
+        z = _float(outputs)
         labels, w = _labels_and_weights(targets, z.shape[:-1])
         p = jax.nn.softmax(z, axis=-1)
         onehot = jax.nn.one_hot(labels, z.shape[-1], dtype=p.dtype)
         return ((p - onehot) * w[..., None]).astype(outputs.dtype)
 
     def hvp(self, outputs, targets, u):
-        z = outputs.astype(jnp.float32)
+        z = _float(outputs)
         _, w = _labels_and_weights(targets, z.shape[:-1])
         p = jax.nn.softmax(z, axis=-1)
-        pu = p * u.astype(jnp.float32)
+        pu = p * _float(u)
         hu = pu - p * jnp.sum(pu, axis=-1, keepdims=True)
         return (hu * w[..., None]).astype(u.dtype)
 
