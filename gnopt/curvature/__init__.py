@@ -9,9 +9,10 @@ from gnopt.curvature.ggn import (
     full,
     ggn_mvp,
     layerwise,
+    trust_ratio,
 )
 
 __all__ = [
     "AbstractCurvature", "FullCurvature", "LayerwiseCurvature", "LinearisedModel",
-    "default_block_labels", "full", "ggn_mvp", "layerwise", "leaf_block_ids",
+    "default_block_labels", "full", "ggn_mvp", "layerwise", "leaf_block_ids", "trust_ratio",
 ]

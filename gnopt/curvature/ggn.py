@@ -54,8 +54,8 @@ class LinearisedModel:
 
     # -- primitive maps -------------------------------------------------
     def jvp(self, v):
-        """``J v`` (output space)."""
-        return self._jvp(v)
+        """``J v`` (output space); ``v`` is cast to the parameters' dtypes."""
+        return self._jvp(jax.tree.map(lambda x, p: x.astype(p.dtype), v, self.params))
 
     def vjp(self, c):
         """``Jᵀ c`` (parameter space)."""
@@ -168,3 +168,36 @@ def full() -> FullCurvature:
 def layerwise(blocks: Callable[[Any], Any] | None = None) -> LayerwiseCurvature:
     """The block-diagonal GGN, blocks from ``blocks(params)`` (default: per layer)."""
     return LayerwiseCurvature(blocks or _blocks.default_block_labels)
+
+
+def trust_ratio(apply_fn: Callable, loss_fn: LossFn, params, batch, step):
+    """``ρ = (L(θ) − L(θ + Δ)) / (q(0) − q(Δ))`` on one batch (Moré 1983; Martens 2010 §4.1).
+
+    ``q(0) − q(Δ) = −(∇_zℓᵀ JΔ + ½ (JΔ)ᵀ H_z JΔ)`` is the full-GGN model's
+    predicted decrease. Cost: one forward-with-tangent (``jax.jvp``) and one
+    extra forward at ``θ + Δ``; no transpose.
+
+    ``ρ`` measures the model's accuracy, so a step the model predicts to
+    *raise* the loss (possible for steps that are not the model's minimiser,
+    e.g. PI-Muon's fused step) still gives ``ρ ≈ 1`` when the loss does rise as
+    predicted. Near a minimum both changes fall below the float resolution of
+    the loss (``res = 32·eps·|L(θ)|``): a prediction with ``|q(0) − q(Δ)| ≤ res``
+    gives ``ρ = 1`` when the loss did not rise by more than ``res`` (model and
+    loss agree to working precision) and ``ρ = −inf`` when it did.
+
+    Returns:
+      ``(ρ, actual decrease, predicted decrease)``.
+    """
+    inputs, targets = _check_batch(batch)
+    step = jax.tree.map(lambda s, p: s.astype(p.dtype), step, params)
+    z0, u = jax.jvp(lambda p: apply_fn(p, inputs), (params,), (step,))
+    gz = loss_grad(loss_fn, z0, targets)
+    predicted = -(jnp.vdot(gz, u) + 0.5 * jnp.vdot(u, loss_hvp(loss_fn, z0, targets, u)))
+    moved = jax.tree.map(jnp.add, params, step)
+    loss0 = loss_fn(z0, targets)
+    actual = loss0 - loss_fn(apply_fn(moved, inputs), targets)
+    res = 32 * jnp.finfo(jnp.result_type(loss0)).eps * jnp.abs(loss0)
+    resolved = jnp.abs(predicted) > res
+    rho = jnp.where(resolved, actual / jnp.where(resolved, predicted, 1.0),
+                    jnp.where(actual >= -res, 1.0, -jnp.inf))
+    return rho, actual, predicted

@@ -34,7 +34,7 @@ class GaussNewtonState(NamedTuple):
     diagnostics: dict  # scalars of the last step, logged by the trainer
 
 
-def _require_batch(name: str, params, batch):
+def require_batch(name: str, params, batch):
     if params is None:
         raise ValueError(f"{name}.update needs params")
     if batch is None:
@@ -100,7 +100,7 @@ def gauss_newton(
 
     def update_fn(updates, state, params=None, *, batch=None, line_search_batch=None, **extra):
         del updates, extra
-        _require_batch("gauss_newton", params, batch)
+        require_batch("gauss_newton", params, batch)
         delta, stats = solver.solve(apply_fn, loss_fn, curvature, params, batch,
                                     state.warm_start, damping)
         eta = _learning_rate(learning_rate, state.count)
