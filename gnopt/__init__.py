@@ -1,13 +1,21 @@
-"""gnopt: Gauss-Newton optimization of language models in JAX."""
+"""gnopt: Gauss-Newton optimization of language models in JAX.
 
-from gnopt import curvature, line_search, losses, schedules, solvers
+Submodules imported on demand (they pull in heavier dependencies):
+``gnopt.data`` (grain pipelines), ``gnopt.testing`` (hypothesis kit),
+``gnopt.train`` and ``gnopt.bench``.
+"""
+
+from gnopt import control, curvature, line_search, losses, models, schedules, solvers, transforms
 from gnopt.curvature import ggn_mvp
 from gnopt.solvers import inner_adamw, inner_muon
+from gnopt.transforms import adamw, kfac, lion, muon, shampoo, soap
 from gnopt.transforms.gauss_newton import GaussNewtonState, gauss_newton
+from gnopt.transforms.pi_muon import PIMuonState, pi_muon
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GaussNewtonState", "curvature", "gauss_newton", "ggn_mvp", "inner_adamw",
-    "inner_muon", "line_search", "losses", "schedules", "solvers",
+    "GaussNewtonState", "PIMuonState", "adamw", "control", "curvature", "gauss_newton",
+    "ggn_mvp", "inner_adamw", "inner_muon", "kfac", "line_search", "lion", "losses", "models",
+    "muon", "pi_muon", "schedules", "shampoo", "soap", "solvers", "transforms",
 ]

@@ -21,13 +21,15 @@ class AbstractLineSearch(eqx.Module):
     stat_names: ClassVar[tuple[str, ...]] = ("line_search_loss", "line_search_evals")
 
     @abc.abstractmethod
-    def search(self, loss_at: Callable[[jax.Array], jax.Array], loss0, slope) -> tuple[jax.Array, dict]:
+    def search(self, loss_at: Callable[[jax.Array], jax.Array], loss0,
+               slope: Callable[[], jax.Array]) -> tuple[jax.Array, dict]:
         """Returns ``(α, stats)``.
 
         Args:
           loss_at: ``α ↦`` true loss at ``θ0 + α Δ``.
           loss0: ``loss_at(0)``.
-          slope: directional derivative ``gᵀΔ`` at ``α = 0`` (may be unused).
+          slope: ``() ↦`` directional derivative ``gᵀΔ`` at ``α = 0``; called
+            only by searches that need it (it costs a gradient).
         """
 
 
@@ -71,6 +73,8 @@ class BacktrackingLineSearch(AbstractLineSearch):
             raise ValueError(f"backtracking shrink must be in (0, 1), got {self.shrink}")
 
     def search(self, loss_at, loss0, slope):
+        slope = slope()
+
         def armijo(alpha, loss):
             return jnp.isfinite(loss) & (loss <= loss0 + self.c * alpha * jnp.minimum(slope, 0.0))
 

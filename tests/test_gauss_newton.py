@@ -87,3 +87,22 @@ def test_line_search_batch_and_missing_batch_error():
     assert float(state.diagnostics["loss_before"]) == pytest.approx(float(start))
     with pytest.raises(TypeError, match="solver"):
         gnopt.gauss_newton(mlp_apply, losses.softmax_cross_entropy, solver=optax.sgd(1.0))
+
+
+def test_damping_controller_adapts_levenberg_marquardt_style():
+    """A good model (ρ ≈ 1) lowers δ step after step; δ stays within its limits."""
+    params, batch = problem()
+    ctl = gnopt.control.damping_controller(damping0=10.0, damping_min=1e-4, damping_max=1e3)
+    tx = gnopt.gauss_newton(mlp_apply, losses.softmax_cross_entropy, solver=gnopt.solvers.cg(max_iters=10),
+                            damping=ctl, line_search=None)
+    state = tx.init(params)
+    step = jax.jit(lambda p, s: tx.update(None, s, p, batch=batch))
+    seen = []
+    for _ in range(4):
+        updates, state = step(params, state)
+        params = optax.apply_updates(params, updates)
+        seen.append((float(state.diagnostics["damping"]), float(state.diagnostics["rho"])))
+    dampings = [d for d, _ in seen]
+    assert all(r > 0.5 for _, r in seen), seen
+    assert dampings == sorted(dampings, reverse=True) and dampings[-1] < dampings[0], seen
+    assert float(state.damping.output) >= 1e-4

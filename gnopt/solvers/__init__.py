@@ -1,6 +1,6 @@
 """Solvers of the GN model: CG, inner optimizer, GN-prox-linear."""
 
-from gnopt.solvers.base import AbstractSolver
+from gnopt.solvers.base import AbstractSolver, working_precision
 from gnopt.solvers.cg import ConjugateGradient, cg
 from gnopt.solvers.inner import (
     InnerOptimizer,
@@ -13,5 +13,5 @@ from gnopt.solvers.inner import (
 
 __all__ = [
     "AbstractSolver", "ConjugateGradient", "InnerOptimizer", "cg", "inner_adamw",
-    "inner_muon", "inner_optimizer", "prox_linear", "split_microbatches",
+    "inner_muon", "inner_optimizer", "prox_linear", "split_microbatches", "working_precision",
 ]

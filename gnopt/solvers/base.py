@@ -6,6 +6,8 @@ import abc
 from typing import Any, ClassVar
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 
 from gnopt.curvature import AbstractCurvature
 
@@ -33,3 +35,11 @@ class AbstractSolver(eqx.Module):
 
         ``stats`` maps names to arrays of fixed shape (scalars are logged).
         """
+
+
+def working_precision(tree):
+    """Leaves in at least float32: solver iterates and warm starts of bf16 models.
+
+    (CG recurrences in bf16 lose conjugacy at once.)
+    """
+    return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)

@@ -16,12 +16,7 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from gnopt.curvature import blocks as _blocks
-from gnopt.solvers.base import AbstractSolver
-
-
-def _working(tree):
-    """Leaves in at least float32: CG recurrences in bf16 lose orthogonality at once."""
-    return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
+from gnopt.solvers.base import AbstractSolver, working_precision
 
 
 class ConjugateGradient(AbstractSolver):
@@ -49,16 +44,16 @@ class ConjugateGradient(AbstractSolver):
     def solve(self, apply_fn, loss_fn, curvature, params, batch, delta0, damping):
         lin = curvature.linearise(apply_fn, loss_fn, params, batch)
         ids, nb = lin.block_ids, lin.num_blocks
-        g = _working(lin.gradient())
+        g = working_precision(lin.gradient())
         vdot = lin.block_vdot
 
         def matvec(v):
-            return otu.tree_add_scale(_working(lin.ggn_mvp(v)), damping, v)
+            return otu.tree_add_scale(working_precision(lin.ggn_mvp(v)), damping, v)
 
         def model_value(x, r):  # q_k(x) = ½ x_kᵀ(g_k − r_k) since A x = −g − r
             return 0.5 * vdot(x, otu.tree_sub(g, r))
 
-        x = _working(otu.tree_cast_like(delta0, params))
+        x = working_precision(otu.tree_cast_like(delta0, params))
         r = otu.tree_sub(otu.tree_scale(-1.0, g), matvec(x))
         keep = model_value(x, r) <= 0.0  # False for NaN too
         x = _blocks.block_scale(keep.astype(jnp.float32), x, ids)

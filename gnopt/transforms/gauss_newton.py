@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
-from gnopt.curvature import AbstractCurvature, full
+from gnopt.control import PIController, PIState
+from gnopt.curvature import AbstractCurvature, full, trust_ratio
 from gnopt.line_search import AbstractLineSearch
-from gnopt.solvers import AbstractSolver, cg
+from gnopt.solvers import AbstractSolver, cg, working_precision
 
 
 class GaussNewtonState(NamedTuple):
@@ -31,6 +32,7 @@ class GaussNewtonState(NamedTuple):
 
     count: jax.Array  # outer steps taken
     warm_start: Any  # last solution Δ (times the warm-start factor)
+    damping: PIState | None  # damping controller's state (None for a fixed δ)
     diagnostics: dict  # scalars of the last step, logged by the trainer
 
 
@@ -59,7 +61,7 @@ def gauss_newton(
     curvature: AbstractCurvature | None = None,
     line_search: AbstractLineSearch | None = None,
     learning_rate: float | optax.Schedule = 1.0,
-    damping: float = 0.0,
+    damping: float | PIController = 0.0,
     warm_start: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
     """A Gauss-Newton optimizer step (full, layerwise, CG, inner optimizer, prox-linear).
@@ -73,7 +75,10 @@ def gauss_newton(
       line_search: e.g. :func:`gnopt.line_search.grid` (the paper's 5 points)
         or ``backtracking()``; ``None`` takes ``α = 1``.
       learning_rate: outer step size ``η`` (float or schedule of the step count).
-      damping: ``δ``, the L2 proximal term on ``Δ`` (Tikhonov damping).
+      damping: ``δ``, the L2 proximal term on ``Δ`` (Tikhonov damping): a
+        float, or a controller such as :func:`gnopt.control.damping_controller`
+        driven by the trust ratio ``ρ`` of each step (a smooth
+        Levenberg–Marquardt rule; costs one jvp and one forward per step).
       warm_start: factor on the last solution used as the next initial ``Δ``
         (0 disables warm starts; Martens uses 0.95).
 
@@ -89,20 +94,25 @@ def gauss_newton(
     if not isinstance(curvature, AbstractCurvature):
         raise TypeError(f"gauss_newton: curvature must be gnopt.curvature.full() or layerwise(), got {type(curvature).__name__}")
 
+    adaptive = isinstance(damping, PIController)
+
     def loss_of(params, batch):
         return tree_loss(apply_fn, loss_fn, params, batch)
 
     def init_fn(params):
         names = ("loss_before", "step_size", "update_norm") + solver.stat_names
         names += line_search.stat_names if line_search is not None else ()
+        names += ("damping", "rho") if adaptive else ()
         diag = {name: jnp.zeros((), jnp.float32) for name in names}
-        return GaussNewtonState(jnp.zeros((), jnp.int32), otu.tree_zeros_like(params), diag)
+        return GaussNewtonState(jnp.zeros((), jnp.int32), working_precision(otu.tree_zeros_like(params)),
+                                damping.init() if adaptive else None, diag)
 
     def update_fn(updates, state, params=None, *, batch=None, line_search_batch=None, **extra):
         del updates, extra
         require_batch("gauss_newton", params, batch)
+        delta_now = state.damping.output if adaptive else damping
         delta, stats = solver.solve(apply_fn, loss_fn, curvature, params, batch,
-                                    state.warm_start, damping)
+                                    state.warm_start, delta_now)
         eta = _learning_rate(learning_rate, state.count)
         step = otu.tree_scale(eta, delta)
         ls_batch = batch if line_search_batch is None else line_search_batch
@@ -110,14 +120,19 @@ def gauss_newton(
         if line_search is None:
             alpha, ls_stats = jnp.asarray(1.0), {}
         else:
-            slope = otu.tree_vdot(jax.grad(loss_of)(params, ls_batch), step)
             alpha, ls_stats = line_search.search(
-                lambda a: loss_of(otu.tree_add_scale(params, a, step), ls_batch), loss0, slope)
+                lambda a: loss_of(otu.tree_add_scale(params, a, step), ls_batch), loss0,
+                lambda: otu.tree_vdot(jax.grad(loss_of)(params, ls_batch), step))
         new_updates = otu.tree_cast_like(otu.tree_scale(alpha, step), params)
         diag = {"loss_before": loss0, "step_size": alpha * eta,
                 "update_norm": otu.tree_norm(new_updates), **stats, **ls_stats}
+        damping_state = state.damping
+        if adaptive:
+            rho, _, _ = trust_ratio(apply_fn, loss_fn, params, batch, new_updates)
+            damping_state, _ = damping.update(state.damping, rho)
+            diag |= {"damping": delta_now, "rho": rho}
         diag = {k: jnp.asarray(diag[k], jnp.float32) for k in state.diagnostics}
-        warm = otu.tree_scale(warm_start, delta)
-        return new_updates, GaussNewtonState(state.count + 1, warm, diag)
+        warm = working_precision(otu.tree_scale(warm_start, delta))
+        return new_updates, GaussNewtonState(state.count + 1, warm, damping_state, diag)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

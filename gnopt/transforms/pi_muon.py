@@ -39,7 +39,7 @@ import optax.tree_utils as otu
 
 from gnopt.control import PIController, PIState, fusion_weight_controller
 from gnopt.curvature import AbstractCurvature, layerwise, trust_ratio
-from gnopt.solvers import AbstractSolver, cg
+from gnopt.solvers import AbstractSolver, cg, working_precision
 from gnopt.transforms.gauss_newton import require_batch
 from gnopt.transforms.muon import muon
 
@@ -50,7 +50,7 @@ class PIMuonState(NamedTuple):
     muon: Any  # Muon's state (momentum, AdamW moments)
     gn_warm_start: Any  # last GN solution s
     fusion: PIState  # λ controller; ``fusion.output`` is the next λ
-    damping: PIState  # δ controller (constant δ: output fixed)
+    damping: PIState | None  # δ controller's state (None for a fixed δ)
     diagnostics: dict  # λ, ρ, |s⊥|/|s|, solver stats of the last step
 
 
@@ -69,11 +69,6 @@ def split_along(s, u):
     outer = jax.tree.structure(s)
     c, perp = jax.tree.transpose(outer, jax.tree.structure((0, 0)), pairs)
     return c, perp
-
-
-def _constant(value: float) -> PIController:
-    return PIController(setpoint=0.0, kp=0.0, ki=0.0, output0=value, output_min=value,
-                        output_max=value, integral_limit=0.0, error_limit=1.0)
 
 
 def pi_muon(
@@ -113,19 +108,20 @@ def pi_muon(
     solver = cg(max_iters=10) if solver is None else solver
     curvature = layerwise() if curvature is None else curvature
     fusion = fusion_weight_controller() if fusion is None else fusion
-    damping_ctl = damping if isinstance(damping, PIController) else _constant(float(damping))
+    adaptive = isinstance(damping, PIController)
     base = muon(learning_rate, **muon_kwargs)
     stat_names = ("lambda", "rho", "perp_ratio", "damping", "accepted", "actual_decrease",
                   "predicted_decrease") + solver.stat_names
 
     def init_fn(params):
-        return PIMuonState(base.init(params), otu.tree_zeros_like(params), fusion.init(),
-                           damping_ctl.init(), {k: jnp.zeros((), jnp.float32) for k in stat_names})
+        return PIMuonState(base.init(params), working_precision(otu.tree_zeros_like(params)), fusion.init(),
+                           damping.init() if adaptive else None, {k: jnp.zeros((), jnp.float32) for k in stat_names})
 
     def update_fn(updates, state, params=None, *, batch=None, **extra):
         require_batch("pi_muon", params, batch)
         u, muon_state = base.update(updates, state.muon, params)
-        lam, delta = state.fusion.output, state.damping.output
+        lam = state.fusion.output
+        delta = state.damping.output if adaptive else damping
         s, stats = solver.solve(apply_fn, loss_fn, curvature, params, batch,
                                 state.gn_warm_start, delta)
         c, s_perp = split_along(s, u)
@@ -135,13 +131,13 @@ def pi_muon(
             step = jax.tree.map(lambda ul, pl: ul + lam * pl, u, s_perp)
         rho, actual, predicted = trust_ratio(apply_fn, loss_fn, params, batch, step)
         fusion_state, accept = fusion.update(state.fusion, rho)
-        damping_state, _ = damping_ctl.update(state.damping, rho)
+        damping_state = damping.update(state.damping, rho)[0] if adaptive else None
         step = jax.tree.map(lambda a, b: jnp.where(accept, a, b), step, u)
         diag = {"lambda": lam, "rho": rho, "damping": delta, "accepted": accept,
                 "perp_ratio": otu.tree_norm(s_perp) / jnp.maximum(otu.tree_norm(s), 1e-30),
                 "actual_decrease": actual, "predicted_decrease": predicted, **stats}
         diag = {k: jnp.asarray(diag[k], jnp.float32) for k in stat_names}
-        new_state = PIMuonState(muon_state, otu.tree_scale(gn_warm_start, s), fusion_state,
+        new_state = PIMuonState(muon_state, working_precision(otu.tree_scale(gn_warm_start, s)), fusion_state,
                                 damping_state, diag)
         return otu.tree_cast_like(step, params), new_state
 

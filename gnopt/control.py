@@ -1,0 +1,211 @@
+"""A PI controller for any scalar optimizer knob (algorithms.md §3 step 6).
+
+The controller measures a signal ``m_t`` (typically the trust ratio
+``ρ_t = (L(θ) − L(θ+Δ)) / (q(0) − q(Δ))``) and sets a knob ``u_{t+1}`` in
+positional PI form with anti-windup:
+
+    e_t = d · clip(m_t − m*, −E, E)                 (d = ±1: direction)
+    I_t = clip(I_{t−1} + e_t, −I_max, I_max)        (anti-windup clamp)
+    u_{t+1} = clip(u_0 + K_p e_t + K_i I_t, u_min, u_max)
+
+or, with ``log_space=True`` (for knobs spanning decades, like damping δ),
+``u_{t+1} = clip(exp(log u_0 + K_p e_t + K_i I_t), u_min, u_max)``.
+
+A non-finite measurement reads as the worst admissible one, ``m* − E`` (a bad
+step), and is always rejected; the state never becomes non-finite.
+
+Anti-windup bound: once saturated at a limit after any history, an error of
+constant magnitude ``|e| > 0`` of the opposite sign brings the integral to the
+other side of zero within ``⌈I_max / |e|⌉`` steps, so the knob leaves a limit it
+reached through the integral term within ``max(1, ⌈I_max / |e|⌉)`` steps
+whenever ``u_0`` lies strictly inside ``(u_min, u_max)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class PIState(NamedTuple):
+    """State of a :class:`PIController` (all scalar arrays)."""
+
+    integral: Array  # I_t, the clamped sum of signed errors (float32)
+    output: Array  # u_{t+1}, the knob to use for the next step (float32)
+    steps: Array  # number of updates so far (int32)
+    last_error: Array  # e_t of the last update, after sign and clipping (float32)
+
+
+class PIController(eqx.Module):
+    """Proportional–integral controller with anti-windup and step rejection.
+
+    Attributes:
+      setpoint: target value ``m*`` of the measured signal.
+      kp: proportional gain ``K_p ≥ 0``.
+      ki: integral gain ``K_i ≥ 0``.
+      output0: bias ``u_0``, the output at zero error and zero integral.
+      output_min: lower limit ``u_min`` (``> 0`` in log space).
+      output_max: upper limit ``u_max``.
+      integral_limit: anti-windup clamp ``I_max ≥ 0``.
+      error_limit: ``E > 0``; errors are clipped to ``[−E, E]`` and a non-finite
+        measurement counts as ``m* − E``.
+      direction: ``+1``: a measurement above the setpoint raises the output;
+        ``−1``: it lowers the output (damping: a high trust ratio lowers δ).
+      reject_below: if set, ``accept`` is false when the measurement is below it.
+      log_space: act on ``log u`` (knobs spanning decades).
+    """
+
+    setpoint: float = eqx.field(static=True)
+    kp: float = eqx.field(static=True)
+    ki: float = eqx.field(static=True)
+    output0: float = eqx.field(static=True)
+    output_min: float = eqx.field(static=True)
+    output_max: float = eqx.field(static=True)
+    integral_limit: float = eqx.field(static=True)
+    error_limit: float = eqx.field(static=True)
+    direction: int = eqx.field(static=True, default=1)
+    reject_below: float | None = eqx.field(static=True, default=None)
+    log_space: bool = eqx.field(static=True, default=False)
+
+    def __check_init__(self):
+        if not self.output_min <= self.output0 <= self.output_max:
+            raise ValueError(
+                f"PIController: output0={self.output0} must lie in "
+                f"[output_min={self.output_min}, output_max={self.output_max}]")
+        if self.log_space and not self.output_min > 0:
+            raise ValueError(
+                f"PIController: log_space needs output_min > 0, got {self.output_min}")
+        for name in ("kp", "ki", "integral_limit"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"PIController: {name} must be finite and >= 0, got {value}")
+        if not (math.isfinite(self.error_limit) and self.error_limit > 0):
+            raise ValueError(
+                f"PIController: error_limit must be finite and > 0, got {self.error_limit}")
+        if self.direction not in (1, -1):
+            raise ValueError(f"PIController: direction must be +1 or -1, got {self.direction}")
+
+    def init(self) -> PIState:
+        """The state before any measurement: zero integral, output ``u_0``."""
+        return PIState(
+            integral=jnp.zeros((), jnp.float32),
+            output=jnp.asarray(self.output0, jnp.float32),
+            steps=jnp.zeros((), jnp.int32),
+            last_error=jnp.zeros((), jnp.float32),
+        )
+
+    def update(self, state: PIState, measurement) -> tuple[PIState, Array]:
+        """One controller step.
+
+        Args:
+          state: the previous :class:`PIState`.
+          measurement: scalar measured signal ``m_t`` (may be non-finite).
+
+        Returns:
+          ``(new_state, accept)``; ``new_state.output`` is the knob for the next
+          step and ``accept`` (bool scalar) says whether the measured step should
+          be kept: ``m_t`` finite and, if ``reject_below`` is set, ``m_t ≥ reject_below``.
+        """
+        m = jnp.asarray(measurement)
+        if m.shape != ():
+            raise ValueError(
+                f"PIController.update: measurement must be a scalar, got shape {m.shape}")
+        m = m.astype(jnp.promote_types(m.dtype, jnp.float32))
+        finite = jnp.isfinite(m)
+        limit = self.error_limit
+        raw = jnp.where(finite, jnp.clip(m - self.setpoint, -limit, limit), -limit)
+        error = (self.direction * raw).astype(jnp.float32)
+        integral = jnp.clip(state.integral + error, -self.integral_limit, self.integral_limit)
+        bias = math.log(self.output0) if self.log_space else self.output0
+        drive = bias + self.kp * error + self.ki * integral
+        output = jnp.exp(drive) if self.log_space else drive
+        output = jnp.clip(output, self.output_min, self.output_max)
+        accept = finite if self.reject_below is None else finite & (m >= self.reject_below)
+        new_state = PIState(integral, output.astype(jnp.float32), state.steps + 1, error)
+        return new_state, accept
+
+
+def _integral_span(ki: float, output0: float, low: float, high: float) -> float:
+    """Smallest ``I_max`` with which the integral term alone reaches either limit."""
+    return max(high - output0, output0 - low) / ki if ki > 0 else 0.0
+
+
+def fusion_weight_controller(
+    *,
+    setpoint: float = 0.75,
+    kp: float = 0.5,
+    ki: float = 0.1,
+    lambda0: float = 0.5,
+    lambda_max: float = 1.0,
+    integral_limit: float | None = None,
+    reject_below: float | None = None,
+) -> PIController:
+    """PI-Muon's fusion weight ``λ_t ∈ [0, λ_max]`` driven by the trust ratio ρ_t.
+
+    A trust ratio above ``ρ*`` (the quadratic model predicts the loss well) adds
+    more of the curvature direction ``s⊥``; below it, less (algorithms.md §3).
+
+    Args:
+      setpoint: ``ρ*``.
+      kp: proportional gain.
+      ki: integral gain.
+      lambda0: bias ``λ_0``.
+      lambda_max: upper limit of ``λ``.
+      integral_limit: anti-windup clamp; default: the smallest value with which
+        the integral term alone can reach either limit, ``max(λ_max − λ_0, λ_0) / K_i``.
+      reject_below: reject steps with ``ρ_t`` below this (e.g. ``0.0``).
+    """
+    if integral_limit is None:
+        integral_limit = _integral_span(ki, lambda0, 0.0, lambda_max)
+    return PIController(
+        setpoint=setpoint, kp=kp, ki=ki, output0=lambda0, output_min=0.0,
+        output_max=lambda_max, integral_limit=integral_limit, error_limit=1.0,
+        direction=1, reject_below=reject_below)
+
+
+def damping_controller(
+    *,
+    setpoint: float = 0.5,
+    kp: float = 0.5,
+    ki: float = 1.5,
+    damping0: float = 1.0,
+    damping_min: float = 1e-8,
+    damping_max: float = 1e4,
+    integral_limit: float | None = None,
+    reject_below: float | None = None,
+) -> PIController:
+    """A smooth Levenberg–Marquardt rule for the damping ``δ`` of ``(G + δI) s = −g``.
+
+    The classic rule (Levenberg 1944; Marquardt 1963; Martens 2010 §4.1) is
+    ``δ ← 2/3 δ`` if ``ρ > 3/4`` and ``δ ← 3/2 δ`` if ``ρ < 1/4``: an integral
+    controller on ``log δ`` with a bang-bang error. Here the error is smooth,
+    ``e = −(ρ − ρ*)`` with ``ρ* = 1/2`` midway between the classic thresholds,
+    and ``K_i = 1.5`` makes ``ρ = 3/4`` (``1/4``) scale δ by ``exp(∓0.375) ≈
+    0.69 (1.45)`` per step, close to the classic ``2/3`` (``3/2``). ``kp=0``
+    gives the pure integral rule.
+
+    Args:
+      setpoint: ``ρ*``.
+      kp: proportional gain on ``log δ``.
+      ki: integral gain on ``log δ``.
+      damping0: bias ``δ_0``.
+      damping_min: lower limit of ``δ`` (``> 0``).
+      damping_max: upper limit of ``δ``.
+      integral_limit: anti-windup clamp; default: the smallest value with which
+        the integral term alone spans ``[log δ_min, log δ_max]`` from ``log δ_0``.
+      reject_below: reject steps with ``ρ_t`` below this (e.g. ``0.0``).
+    """
+    if integral_limit is None and damping_min > 0 and damping0 > 0:
+        integral_limit = _integral_span(
+            ki, math.log(damping0), math.log(damping_min), math.log(damping_max))
+    return PIController(
+        setpoint=setpoint, kp=kp, ki=ki, output0=damping0, output_min=damping_min,
+        output_max=damping_max, integral_limit=integral_limit, error_limit=1.0,
+        direction=-1, reject_below=reject_below, log_space=True)
+
