@@ -1,7 +1,9 @@
-"""Shared pytest set-up: hypothesis profiles (``HYPOTHESIS_PROFILE=ci`` in CI)."""
+"""Shared pytest set-up: hypothesis profiles (``ci``, the default, and ``thorough``)."""
 
 import os
 
+import jax
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -13,17 +15,13 @@ settings.register_profile(
                            HealthCheck.function_scoped_fixture],
 )
 settings.register_profile(
-    "dev",
-    max_examples=25,
+    "thorough",
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.function_scoped_fixture],
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
-
-
-import jax
-import pytest
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
