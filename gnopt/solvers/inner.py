@@ -29,7 +29,11 @@ OptimizerOrFactory = optax.GradientTransformation | Callable[[int], optax.Gradie
 
 
 def split_microbatches(batch, inner_batch_size: int):
-    """Reshapes every leaf ``[B, ...]`` of ``batch`` to ``[B // b, b, ...]``."""
+    """Splits every leaf ``[B, ...]`` into ``N = B // b`` strided micro-batches ``[N, b, ...]``.
+
+    Micro-batch ``k`` holds rows ``k, k + N, k + 2N, …``: with the batch sharded
+    over devices, every micro-batch spans all of them (data-parallel inner steps).
+    """
     sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
     if len(sizes) != 1:
         raise ValueError(f"batch leaves disagree on the batch dimension: {sorted(sizes)}")
@@ -38,7 +42,8 @@ def split_microbatches(batch, inner_batch_size: int):
         raise ValueError(
             f"inner_batch_size={inner_batch_size} must divide the batch size {size}")
     n = size // inner_batch_size
-    return n, jax.tree.map(lambda x: x.reshape((n, inner_batch_size) + x.shape[1:]), batch)
+    return n, jax.tree.map(
+        lambda x: x.reshape((inner_batch_size, n) + x.shape[1:]).swapaxes(0, 1), batch)
 
 
 class InnerOptimizer(AbstractSolver):
