@@ -29,7 +29,7 @@ def _float(x) -> Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _labels_and_weights(targets, shape) -> tuple[Array, Array]:
+def labels_and_weights(targets, shape) -> tuple[Array, Array]:
     """Splits CE targets into labels and per-token weights summing to one."""
     if isinstance(targets, (tuple, list)):
         if len(targets) != 2:
@@ -83,21 +83,21 @@ class SoftmaxCrossEntropy(AbstractLoss):
 
     def __call__(self, outputs, targets):
         z = _float(outputs)
-        labels, w = _labels_and_weights(targets, z.shape[:-1])
+        labels, w = labels_and_weights(targets, z.shape[:-1])
         logz = jax.nn.logsumexp(z, axis=-1)
         picked = jnp.take_along_axis(z, labels[..., None], axis=-1)[..., 0]
         return jnp.sum(w * (logz - picked))
 
     def grad(self, outputs, targets):
         z = _float(outputs)
-        labels, w = _labels_and_weights(targets, z.shape[:-1])
+        labels, w = labels_and_weights(targets, z.shape[:-1])
         p = jax.nn.softmax(z, axis=-1)
         onehot = jax.nn.one_hot(labels, z.shape[-1], dtype=p.dtype)
         return ((p - onehot) * w[..., None]).astype(outputs.dtype)
 
     def hvp(self, outputs, targets, u):
         z = _float(outputs)
-        _, w = _labels_and_weights(targets, z.shape[:-1])
+        _, w = labels_and_weights(targets, z.shape[:-1])
         p = jax.nn.softmax(z, axis=-1)
         pu = p * _float(u)
         hu = pu - p * jnp.sum(pu, axis=-1, keepdims=True)
