@@ -10,7 +10,6 @@ import os
 assert "xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "")
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 

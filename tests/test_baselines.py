@@ -6,7 +6,6 @@ import numpy as np
 import optax
 import pytest
 
-import gnopt.testing as gt
 from gnopt.transforms import adamw, constant, lion, warmup_cosine
 
 
@@ -48,9 +47,3 @@ def test_aliases_accept_schedules_and_match_optax(make):
         updates, state = jax.jit(tx.update)(grads, state, params, batch=jnp.ones(2))
         ref_updates, ref_state = jax.jit(ref.update)(grads, ref_state, params)
         jax.tree.map(np.testing.assert_array_equal, updates, ref_updates)
-
-
-@pytest.mark.parametrize("make", [adamw, lion])
-def test_contract(make):
-    gt.check_optimizer_contract(make, {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)},
-                                hyperparams={"learning_rate": 1e-2})

@@ -12,7 +12,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
-import gnopt.testing as gt
 from gnopt import losses
 from gnopt.models import MLP, LLaMA, llama_config
 from gnopt.transforms import kfac, scale_by_kfac, tapped_call as apply
@@ -189,15 +188,6 @@ def test_kfac_reduces_cross_entropy_of_a_tiny_llama():
     for _ in range(10):
         m, state = step(m, state)
     assert float(loss(m)) < 0.7 * float(loss(model))
-
-
-def test_kfac_contract():
-    model = _net(jax.random.PRNGKey(0))
-    batch = (jax.random.normal(jax.random.PRNGKey(1), (5, 3)), jnp.zeros((5, 2)))
-    gt.check_optimizer_contract(
-        lambda learning_rate: kfac(apply, losses.mean_squared_error, learning_rate,
-                                   inverse_every=2),
-        model, batch=batch, hyperparams={"learning_rate": 1e-2})
 
 
 def test_clear_errors():

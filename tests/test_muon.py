@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import gnopt.testing as gt
 from gnopt.transforms import (hidden_matrix_labels, muon, muon_direction, muon_momentum,
                               newton_schulz, scale_by_muon)
 
@@ -130,7 +129,3 @@ def test_muon_minimises_a_matrix_quadratic():
     for _ in range(150):
         params, state = step(params, state)
     assert loss(params) < 1e-2 * loss({"w": jnp.zeros((6, 4))})
-
-
-def test_muon_contract():
-    gt.check_optimizer_contract(muon, _model_params(), hyperparams={"learning_rate": 1e-2})

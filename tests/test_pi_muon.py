@@ -10,7 +10,6 @@ from hypothesis import given, strategies as st
 import gnopt
 from gnopt import losses
 from gnopt.control import PIController, fusion_weight_controller
-from gnopt.testing import check_optimizer_contract
 from gnopt.transforms.muon import muon
 from gnopt.transforms.pi_muon import pi_muon, split_along
 from tests.test_ggn import make_mlp, mlp_apply
@@ -127,12 +126,8 @@ def test_converges_like_layerwise_gn_on_a_quadratic():
     assert literal > gn_steps + 5
 
 
-def test_contract_and_errors():
+def test_errors():
     params, batch = mlp_batch(n=8)
-    check_optimizer_contract(
-        lambda learning_rate=0.02: pi_muon(mlp_apply, losses.softmax_cross_entropy, learning_rate,
-                                           solver=gnopt.solvers.cg(max_iters=3)),
-        params, batch=batch, hyperparams={"learning_rate": 0.02})
     with pytest.raises(ValueError, match="parallel"):
         pi_muon(mlp_apply, losses.softmax_cross_entropy, parallel="sideways")
     with pytest.raises(ValueError, match="batch="):

@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import gnopt.testing as gt
 from gnopt.transforms import scale_by_shampoo, scale_by_soap, shampoo, soap, warmup_cosine
 
 
@@ -183,8 +182,3 @@ def test_bad_config_messages():
         scale_by_shampoo(graft="sgd")
     with pytest.raises(ValueError, match="update_frequency"):
         scale_by_shampoo(update_frequency=0)
-
-
-@pytest.mark.parametrize("make", [soap, shampoo])
-def test_contract(make):
-    gt.check_optimizer_contract(make, _params(), hyperparams={"learning_rate": 1e-2})

@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 import gnopt
 from gnopt import losses
 from gnopt.curvature import LinearisedModel, full, layerwise
-from tests.test_ggn import make_mlp, mlp_apply, mlp_problem
+from tests.test_ggn import mlp_apply, mlp_problem
 
 
 def linear_apply(params, x):
@@ -112,7 +112,7 @@ def test_prox_linear_agrees_with_quadratic_to_second_order(x64):
             for make in (gnopt.solvers.inner_optimizer, gnopt.solvers.prox_linear)]
         return float(jnp.linalg.norm(sols[0] - sols[1])), float(jnp.linalg.norm(sols[0]))
 
-    (g1, n1), (g2, n2) = gap(0.4), gap(0.2)
+    (g1, n1), (g2, _) = gap(0.4), gap(0.2)
     assert g1 < 0.05 * n1
     assert 6.0 < g1 / g2 < 10.0  # ≈ 8 = 2³
 
