@@ -1,0 +1,520 @@
+"""``python -m gnopt.train``: the gin-wired training loop.
+
+::
+
+    python -m gnopt.train --gin_file gin/quickstart.gin [--gin_file more.gin]
+        [--gin_param 'train.num_steps = 50' ...] [--run_dir runs/x]
+        [--dry_run | --shapes_only]
+
+A thin driver: batches from :mod:`gnopt.data`, one jitted step, metrics to
+``RUN_DIR/metrics.jsonl``, the gin operative config to ``RUN_DIR/config.gin``,
+checkpoints (orbax, atomic) to ``RUN_DIR/checkpoints``. Re-running the same
+command with the same run folder resumes from the newest checkpoint; on one
+machine the resumed run repeats the uninterrupted one bit for bit.
+
+The step (:func:`make_train_step`): ``loss, g = value_and_grad(L)(θ)``;
+``u, s' = tx.update(g, s, θ, batch=batch, line_search_batch=...)``;
+``θ' = θ + u``. If the loss, ``u`` or (for first-order optimizers) ``g`` is not
+finite, ``θ`` and ``s`` are kept unchanged; the run counts such steps and stops
+after ``max_nonfinite_in_a_row`` of them in a row.
+
+Optimizer builders that take ``apply_fn`` (``gnopt.gauss_newton``,
+``gnopt.pi_muon``, K-FAC) get it and ``loss_fn``; they see the whole batch, so
+they cannot use gradient accumulation. When an optimizer ignores the gradient
+(Gauss-Newton derives its own from the batch) XLA drops the trainer's backward
+pass; the trainer then only adds one forward pass for the logged loss.
+
+``tokens`` counts every token drawn from the training stream, the line-search
+batches of ``line_search_batch="next"`` included.
+
+Exit codes: 0 done, 1 stopped on non-finite steps, 2 bad configuration (one
+line on stderr, nothing computed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import inspect
+import logging
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optax.tree_utils as otu
+from tqdm import tqdm
+
+import gin
+from gnopt import data as data_lib
+from gnopt import models, registry
+from gnopt.checkpoint import Checkpointer, CheckpointMismatchError
+from gnopt.losses import softmax_cross_entropy
+from gnopt.metrics import MetricsLog, find_diagnostics
+from gnopt.solvers import split_microbatches
+
+CONFIG_FILE = "config.gin"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line before any training step."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+def apply_model(model, inputs, tap=None):
+    """``apply_fn`` of equinox models: the parameters are the model.
+
+    ``tap`` (see :data:`gnopt.models.Tap`) is passed on when given (K-FAC).
+    """
+    return model(inputs) if tap is None else model(inputs, tap)
+
+
+def batch_loss(loss_fn: Callable, params, batch) -> jax.Array:
+    """``L(θ) = ℓ(f(θ, x), y)`` on ``batch = (x, y)``."""
+    inputs, targets = batch
+    return loss_fn(apply_model(params, inputs), targets)
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+def call_with_accepted(fn: Callable, **kwargs):
+    """Calls ``fn`` with those of ``kwargs`` its signature names (``**kwargs`` does not count)."""
+    return fn(**{k: v for k, v in kwargs.items() if _accepts(fn, k)})
+
+
+def build_optimizer(optimizer: Callable, *, loss_fn: Callable, total_steps: int,
+                    grad_accum_steps: int = 1) -> tuple[optax.GradientTransformationExtraArgs, bool]:
+    """Builds the configured optimizer.
+
+    Args:
+      optimizer: a builder (gin reference without ``()``, e.g. ``@optax.adamw``
+        or ``@gnopt.gauss_newton``), which gets those of ``apply_fn``,
+        ``loss_fn`` and ``total_steps`` that its signature names; or a built
+        first-order transformation (``@optax.adamw()``).
+      loss_fn: the training loss.
+      total_steps: optimizer steps of the whole run.
+      grad_accum_steps: micro-batches averaged per step (``optax.MultiSteps``).
+
+    Returns:
+      ``(tx, second_order)``; ``second_order`` is whether the builder took
+      ``apply_fn`` (such optimizers see the whole batch and cannot accumulate).
+    """
+    if optimizer is None:
+        raise ConfigError("train.optimizer is not set (e.g. train.optimizer = @optax.adamw)")
+    if isinstance(optimizer, optax.GradientTransformation):  # built by gin: `@optax.adamw()`
+        tx, second_order = optimizer, False
+    else:
+        second_order = _accepts(optimizer, "apply_fn")
+        tx = call_with_accepted(optimizer, apply_fn=apply_model, loss_fn=loss_fn,
+                                total_steps=total_steps)
+    if not isinstance(tx, optax.GradientTransformation):
+        raise ConfigError(f"train.optimizer must build an optax GradientTransformation, "
+                          f"got {type(tx).__name__}")
+    if grad_accum_steps > 1:
+        if second_order:
+            raise ConfigError("train.grad_accum_steps > 1 needs a first-order optimizer; "
+                              "second-order ones take the whole batch (use their inner batch size)")
+        tx = optax.MultiSteps(tx, grad_accum_steps).gradient_transformation()
+    return optax.with_extra_args_support(tx), second_order
+
+
+def all_finite(tree) -> jax.Array:
+    """Whether every float leaf of ``tree`` is finite (a scalar bool)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
+
+
+def chunked_value_and_grad(loss_fn: Callable, params, batch, chunk_size: int | None = None):
+    """``(L(θ), ∇L(θ))`` on ``batch``, summed over chunks of ``chunk_size`` sequences.
+
+    With chunks, ``L = (1/n) Σ_c L_c`` (a ``lax.scan``: memory of one chunk),
+    which is the batch mean for a per-token mean loss on equal-length chunks.
+    """
+    value_and_grad = jax.value_and_grad(functools.partial(batch_loss, loss_fn))
+    if chunk_size is None:
+        return value_and_grad(params, batch)
+    n, chunks = split_microbatches(batch, chunk_size)
+
+    def add_chunk(total, chunk):
+        return jax.tree.map(jnp.add, total, value_and_grad(params, chunk)), None
+
+    total, _ = jax.lax.scan(add_chunk, (jnp.zeros(()), otu.tree_zeros_like(params)), chunks)
+    return jax.tree.map(lambda x: x / n, total)
+
+
+def make_train_step(tx: optax.GradientTransformationExtraArgs, loss_fn: Callable, *,
+                    check_grads: bool = True, chunk_size: int | None = None) -> Callable:
+    """The jitted step ``(θ, s, batch, ls_batch) -> (θ', s', loss, ok, diagnostics)``.
+
+    ``θ`` and ``s`` are donated. ``ok`` is whether the loss, the update and (if
+    ``check_grads``) the gradient were finite; if not, ``θ' = θ`` and
+    ``s' = s``. ``diagnostics`` are those of the new optimizer state, also on a
+    rejected step (they say what went wrong). ``chunk_size``: see
+    :func:`chunked_value_and_grad`.
+    """
+
+    def step(params, opt_state, batch, line_search_batch):
+        loss, grads = chunked_value_and_grad(loss_fn, params, batch, chunk_size)
+        updates, new_state = tx.update(grads, opt_state, params, batch=batch,
+                                       line_search_batch=line_search_batch)
+        ok = all_finite((loss, updates, grads) if check_grads else (loss, updates))
+        new_params = optax.apply_updates(params, updates)
+        return (otu.tree_where(ok, new_params, params), otu.tree_where(ok, new_state, opt_state),
+                loss, ok, find_diagnostics(new_state))
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an error, plus the innermost gin configurable it came from."""
+    text = str(error)
+    macro = re.match(r"No bindings specified for '([^'/]+)/gin.macro'", text)
+    if macro:
+        return f"gin macro {macro[1]} is not defined (add --gin_param '{macro[1]} = ...')"
+    calls = re.findall(r"In call to configurable '([^']+)'", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    message = lines[0] if lines else type(error).__name__
+    return f"{message} (in {calls[0]})" if calls else message
+
+
+@contextlib.contextmanager
+def _config_errors():
+    """Turns errors raised while building from the config into one-line ConfigErrors."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, FileNotFoundError) as e:
+        raise ConfigError(_one_line(e)) from e
+
+
+_POSITIVE_OPTIONS = ("seq_len", "batch_size", "grad_accum_steps", "num_steps", "eval_batches",
+                     "log_every", "keep_checkpoints", "max_nonfinite_in_a_row")
+_COUNT_OPTIONS = ("eval_every", "checkpoint_every")  # 0: never
+_CHOICE_OPTIONS = {"line_search_batch": ("same", "next"), "target_metric": ("val_loss", "loss"),
+                   "mode": ("train", "dry_run", "shapes")}
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """Raises a ConfigError naming the first bad ``train`` argument in ``options``."""
+    for name in _POSITIVE_OPTIONS:
+        if not isinstance(options[name], int) or options[name] <= 0:
+            raise ConfigError(f"train.{name} must be a positive int, got {options[name]!r}")
+    for name in _COUNT_OPTIONS:
+        if not isinstance(options[name], int) or options[name] < 0:
+            raise ConfigError(f"train.{name} must be an int >= 0 (0: never), "
+                              f"got {options[name]!r}")
+    for name, allowed in _CHOICE_OPTIONS.items():
+        if options[name] not in allowed:
+            raise ConfigError(f"train.{name} must be one of {allowed}, got {options[name]!r}")
+    chunk, batch_size = options["microbatch_size"], options["batch_size"]
+    if chunk is not None and (not isinstance(chunk, int) or chunk <= 0 or batch_size % chunk):
+        raise ConfigError(f"train.microbatch_size={chunk!r} must be a positive int "
+                          f"dividing train.batch_size={batch_size}")
+    if (options["target_loss"] is not None and options["target_metric"] == "val_loss"
+            and not options["eval_every"]):
+        raise ConfigError("train.target_loss on val_loss needs train.eval_every > 0")
+
+
+def _build_model(model: Callable, key):
+    params = model(key=key)
+    odd = [type(x).__name__ for x in jax.tree.leaves(params) if not eqx.is_array(x)]
+    if odd:
+        raise ConfigError(f"the model has non-array leaves ({sorted(set(odd))}); "
+                          "mark them eqx.field(static=True)")
+    return params
+
+
+def _trace_shapes(model: Callable, key, tx, step_fn, *, batch_size: int, seq_len: int,
+                  next_batch: bool) -> dict[str, Any]:
+    """Builds the model and optimizer state abstractly and traces one step (no compute)."""
+    params = eqx.filter_eval_shape(model, key=key)
+    opt_state = jax.eval_shape(tx.init, params)
+    tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+    jax.eval_shape(step_fn, params, opt_state, (tokens, tokens),
+                   (tokens, tokens) if next_batch else None)
+    return {"step": 0, "num_params": models.count_params(params)}
+
+
+def _load_tokens(data: Callable, val_data: Callable | None):
+    train_tokens = call_with_accepted(data, split="train")
+    if val_data is not None:
+        return train_tokens, call_with_accepted(val_data, split="all")
+    if not _accepts(data, "split"):
+        raise ConfigError("train.data takes no split argument: set train.val_data too")
+    return train_tokens, data(split="validation")
+
+
+def _check_vocab(params, tokens, *, seq_len: int, batches: int = 8) -> None:
+    """Token ids of a sample of windows must be below the model's output size."""
+    sample = data_lib.validation_batches(tokens, seq_len=seq_len, batch_size=1,
+                                         num_batches=batches)
+    vocab = jax.eval_shape(apply_model, params, sample[0][0]).shape[-1]
+    top = max(int(np.max(b)) for batch in sample for b in batch)
+    if top >= vocab:
+        raise ConfigError(f"the data has token id {top} but the model's output has only {vocab} "
+                          "classes (set the model's vocab_size)")
+
+
+@gin.configurable("train", module="gnopt", denylist=["run_dir", "mode"])
+def train(
+    run_dir: str | None = None,
+    *,
+    mode: str = "train",
+    model: Callable | None = None,
+    optimizer: Callable | None = None,
+    data: Callable = registry.CONFIGURABLES["gnopt.data.stdlib_corpus"],
+    val_data: Callable | None = None,
+    loss_fn: Callable = softmax_cross_entropy,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    grad_accum_steps: int = 1,
+    microbatch_size: int | None = None,
+    num_steps: int = 100,
+    eval_every: int = 50,
+    eval_batches: int = 4,
+    target_loss: float | None = None,
+    target_metric: str = "val_loss",
+    log_every: int = 1,
+    checkpoint_every: int = 100,
+    keep_checkpoints: int = 2,
+    seed: int = 0,
+    shuffle: bool = True,
+    max_nonfinite_in_a_row: int = 10,
+    line_search_batch: str = "same",
+) -> dict[str, Any]:
+    """Trains a model; resumes from ``run_dir``'s newest checkpoint if there is one.
+
+    Args:
+      run_dir: folder of metrics, config and checkpoints (only ``mode="train"``).
+      mode: ``"train"``; ``"dry_run"``: build everything, run one step, write
+        nothing; ``"shapes"``: build the model and optimizer state abstractly
+        (``jax.eval_shape``) and trace one step: no data, no compute, for
+        checking configs too big for this machine.
+      model: factory ``model(key=...) -> equinox model`` (e.g.
+        ``@gnopt.models.LLaMA`` with ``gnopt.models.LLaMA.config =
+        @gnopt.models.llama_config()``); all its leaves must be arrays.
+      optimizer: optimizer builder, see :func:`build_optimizer`.
+      data: token source, called with ``split="train"`` (and
+        ``split="validation"`` unless ``val_data`` is given) if it accepts it:
+        ``@gnopt.data.stdlib_corpus``, ``@gnopt.data.text_files``,
+        ``@gnopt.data.token_shards``.
+      val_data: validation token source, used whole (called with
+        ``split="all"`` if it accepts it).
+      loss_fn: ``loss_fn(logits, targets) -> scalar``.
+      seq_len, batch_size: ``[B, T]`` of one (micro-)batch.
+      grad_accum_steps: micro-batches per optimizer step (first-order only);
+        the effective batch is ``batch_size · grad_accum_steps``.
+      microbatch_size: compute the trainer's loss and gradient, and the
+        validation loss, in chunks of this many sequences (memory: needed for
+        second-order optimizers on batches of millions of tokens); ``None``:
+        the whole batch at once.
+      num_steps: optimizer steps to reach (counting steps of earlier runs).
+      eval_every: validation loss every this many steps and at the end (0: never).
+      eval_batches: validation batches per evaluation (the same ones each time).
+      target_loss: stop once ``target_metric`` is at or below it.
+      target_metric: ``"val_loss"`` or ``"loss"`` (the step's training loss).
+      log_every: write a metrics record every this many steps (and at
+        evaluations and the end).
+      checkpoint_every: checkpoint every this many steps (0: only at the end).
+      keep_checkpoints: newest checkpoints kept.
+      seed: model initialisation and data order.
+      shuffle: shuffle the training windows.
+      max_nonfinite_in_a_row: stop after this many consecutive rejected steps.
+      line_search_batch: ``"same"``: optimizers score line-search candidates on
+        the step's batch; ``"next"``: on one more batch drawn per step (counted
+        in ``tokens``).
+
+    Returns:
+      A summary: ``step``, ``loss``, ``val_loss``, ``tokens``, ``wall_s``,
+      ``tokens_per_s`` (this process, after compilation), ``stop_reason``
+      (``mode="shapes"``: ``step`` and ``num_params``).
+
+    Raises:
+      ConfigError: a bad setting (before any step).
+      NonFiniteError: ``max_nonfinite_in_a_row`` rejected steps in a row.
+    """
+    options = dict(locals())  # the arguments, for their checks
+    with _config_errors():
+        _check_options(options)
+        if run_dir is None and mode == "train":
+            raise ConfigError("train needs a run_dir")
+        if model is None:
+            raise ConfigError("train.model is not set (e.g. train.model = @gnopt.models.LLaMA)")
+        model_key, rng = jax.random.split(jax.random.PRNGKey(seed))
+        tx, second_order = build_optimizer(optimizer, loss_fn=loss_fn, total_steps=num_steps,
+                                           grad_accum_steps=grad_accum_steps)
+        step_fn = make_train_step(tx, loss_fn, check_grads=not second_order,
+                                  chunk_size=microbatch_size)
+        if mode == "shapes":
+            return _trace_shapes(model, model_key, tx, step_fn, batch_size=batch_size,
+                                 seq_len=seq_len, next_batch=line_search_batch == "next")
+        train_tokens, val_tokens = _load_tokens(data, val_data)
+        params = _build_model(model, model_key)
+        pipeline = data_lib.make_pipeline(train_tokens, seq_len=seq_len, batch_size=batch_size,
+                                          seed=seed, shuffle=shuffle)
+        val_batches = (data_lib.validation_batches(
+            val_tokens, seq_len=seq_len, batch_size=microbatch_size or batch_size,
+            num_batches=eval_batches) if eval_every else [])
+        _check_vocab(params, train_tokens, seq_len=seq_len)
+        # Copies: an init may put one array in two places, which donation rejects.
+        opt_state = jax.tree.map(jnp.copy, tx.init(params))
+    print(f"model: {models.describe(params)}", flush=True)
+
+    state = {"params": params, "opt_state": opt_state, "rng": rng}
+    meta = {"step": 0, "tokens": 0, "wall_s": 0.0, "nonfinite_skipped": 0,
+            "nonfinite_in_a_row": 0, "stop_reason": None}
+    dry_run = mode == "dry_run"
+    checkpointer = log = None
+    if not dry_run:
+        os.makedirs(run_dir, exist_ok=True)
+        checkpointer = Checkpointer(os.path.join(run_dir, CHECKPOINT_DIR), keep=keep_checkpoints)
+        if checkpointer.latest_step() is not None:
+            state, meta = checkpointer.restore(state)
+            pipeline.set_state(meta["data_state"])
+            print(f"resuming {run_dir} from step {meta['step']}", flush=True)
+        log = MetricsLog(run_dir, resume_step=meta["step"])
+    summary = {"step": meta["step"], "loss": None, "val_loss": None, "tokens": meta["tokens"],
+               "wall_s": meta["wall_s"], "tokens_per_s": None, "stop_reason": meta["stop_reason"]}
+    if meta["stop_reason"] == "target_loss" or meta["step"] >= num_steps:
+        print(f"{run_dir} is already finished at step {meta['step']}", flush=True)
+        checkpointer.close()
+        return summary
+
+    eval_fn = jax.jit(functools.partial(batch_loss, loss_fn))
+    params, opt_state = state["params"], state["opt_state"]
+    step, tokens, skipped, in_a_row = (meta[k] for k in
+                                       ("step", "tokens", "nonfinite_skipped", "nonfinite_in_a_row"))
+    start = time.perf_counter()
+    rate_start = rate_tokens = None  # throughput clock starts after the first (compiling) step
+    bar = tqdm(total=num_steps, initial=step, unit="step", dynamic_ncols=True, disable=dry_run,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    while True:
+        losses, diagnostics = [], {}
+        for _ in range(grad_accum_steps):
+            batch = next(pipeline)
+            ls_batch = next(pipeline) if line_search_batch == "next" else None
+            params, opt_state, loss, ok, diagnostics = step_fn(params, opt_state, batch, ls_batch)
+            tokens += batch[0].size + (0 if ls_batch is None else ls_batch[0].size)
+            if bool(ok):
+                in_a_row = 0
+            else:
+                skipped, in_a_row = skipped + 1, in_a_row + 1
+            losses.append(loss)
+        step += 1
+        loss = float(np.mean(jax.device_get(losses)))
+        now = time.perf_counter()
+        if rate_start is None:
+            rate_start, rate_tokens = now, tokens
+        record = {"step": step, "tokens": tokens, "loss": loss,
+                  "wall_s": meta["wall_s"] + now - start, "nonfinite_skipped": skipped}
+        if eval_every and (step % eval_every == 0 or step == num_steps or dry_run):
+            record["val_loss"] = float(np.mean([eval_fn(params, b) for b in val_batches]))
+            summary["val_loss"] = record["val_loss"]
+        stop_reason = None
+        if in_a_row >= max_nonfinite_in_a_row:
+            stop_reason = "nonfinite"
+        elif target_loss is not None and record.get(target_metric, math.inf) <= target_loss:
+            stop_reason = "target_loss"
+        elif step >= num_steps:
+            stop_reason = "num_steps"
+        if rate_tokens != tokens:
+            summary["tokens_per_s"] = (tokens - rate_tokens) / (now - rate_start)
+        summary.update(step=step, loss=loss, tokens=tokens, wall_s=record["wall_s"],
+                       stop_reason=stop_reason)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{summary['tokens_per_s'] or 0:,.0f}",
+                        refresh=False)
+        if dry_run:
+            bar.close()
+            return summary
+        if step % log_every == 0 or "val_loss" in record or stop_reason:
+            log.write({**diagnostics, **record})
+        if step == meta["step"] + 1:
+            with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
+                f.write(gin.operative_config_str())
+        if stop_reason == "nonfinite":
+            bar.close()
+            checkpointer.close()
+            raise NonFiniteError(
+                f"stopped at step {step}: {in_a_row} non-finite steps in a row (loss {loss}); "
+                f"parameters are those of the last finite step; lower the learning rate "
+                f"or raise train.max_nonfinite_in_a_row")
+        if stop_reason or (checkpoint_every and step % checkpoint_every == 0):
+            state.update(params=params, opt_state=opt_state)
+            checkpointer.save(step, state, {
+                "step": step, "tokens": tokens, "wall_s": record["wall_s"],
+                "nonfinite_skipped": skipped, "nonfinite_in_a_row": in_a_row,
+                "stop_reason": stop_reason, "data_state": pipeline.get_state()})
+        if stop_reason:
+            bar.close()
+            checkpointer.close()
+            return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m gnopt.train",
+                                     description="Train a model from gin files.")
+    parser.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable)")
+    parser.add_argument("--gin_param", action="append", default=[],
+                        help="one gin binding, e.g. 'train.num_steps = 10' (repeatable)")
+    parser.add_argument("--run_dir", help="run folder (default: runs/<first gin file's name>)")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--dry_run", action="store_true",
+                       help="build everything, run one step, write nothing")
+    modes.add_argument("--shapes_only", action="store_true",
+                       help="build abstractly and trace one step: no data, no compute")
+    args = parser.parse_args(argv)
+    if not args.gin_file:
+        parser.error("give at least one --gin_file")
+    run_dir = args.run_dir or os.path.join(
+        "runs", os.path.splitext(os.path.basename(args.gin_file[0]))[0])
+    for path in args.gin_file:  # `include 'x.gin'` resolves next to the including file
+        gin.add_config_file_search_path(os.path.dirname(os.path.abspath(path)))
+    logging.disable(logging.ERROR)  # gin's resource reader logs every search-path miss
+    try:
+        gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
+    except Exception as e:  # noqa: BLE001 -- any parse error is a config error: one line, exit 2
+        print(f"gnopt.train: config error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    finally:
+        logging.disable(logging.NOTSET)
+    try:
+        mode = "dry_run" if args.dry_run else "shapes" if args.shapes_only else "train"
+        summary = train(run_dir, mode=mode)
+    except (ConfigError, CheckpointMismatchError) as e:
+        print(f"gnopt.train: config error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"gnopt.train: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    if "num_params" in summary:
+        print(f"shapes check passed: {summary['num_params']:,} parameters")
+        return 0
+    val = "" if summary["val_loss"] is None else f", val_loss {summary['val_loss']:.4f}"
+    rate = "" if summary["tokens_per_s"] is None else f", {summary['tokens_per_s']:,.0f} tokens/s"
+    loss = "" if summary["loss"] is None else f": loss {summary['loss']:.4f}"
+    print(f"step {summary['step']}{loss}{val}, {summary['tokens']:,} tokens, "
+          f"{summary['wall_s']:.1f} s{rate}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
