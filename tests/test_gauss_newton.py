@@ -8,6 +8,7 @@ import pytest
 
 import gnopt
 from gnopt import losses
+from gnopt.transforms.gauss_newton import tree_loss
 from tests.test_ggn import make_mlp, mlp_apply
 
 
@@ -21,7 +22,7 @@ def problem(dtype=jnp.float32):
 
 VARIANTS = {
     "cg_full": dict(solver=gnopt.solvers.cg(max_iters=10), damping=1e-3),
-    "inner_layerwise": dict(solver=gnopt.solvers.inner_optimizer(gnopt.inner_adamw(0.2), 4),
+    "inner_layerwise": dict(solver=gnopt.solvers.inner_optimizer(optax.sgd(1.0), 4),
                             curvature=gnopt.curvature.layerwise(), line_search=gnopt.line_search.grid(10)),
     "prox_backtracking": dict(solver=gnopt.solvers.prox_linear(gnopt.inner_adamw(0.2), 8),
                               line_search=gnopt.line_search.backtracking()),
@@ -106,3 +107,15 @@ def test_damping_controller_adapts_levenberg_marquardt_style():
     assert all(r > 0.5 for _, r in seen), seen
     assert dampings == sorted(dampings, reverse=True) and dampings[-1] < dampings[0], seen
     assert float(state.damping.output) >= 1e-4
+
+
+def test_chunked_line_search_loss_equals_full_batch_loss():
+    params, batch = problem()
+    full_loss = tree_loss(mlp_apply, losses.softmax_cross_entropy, params, batch)
+    chunked = tree_loss(mlp_apply, losses.softmax_cross_entropy, params, batch, 4)
+    assert float(chunked) == pytest.approx(float(full_loss), rel=1e-6)
+    tx = gnopt.gauss_newton(mlp_apply, losses.softmax_cross_entropy, loss_chunk_size=4)
+    updates, state = tx.update(None, tx.init(params), params, batch=batch)
+    ref = gnopt.gauss_newton(mlp_apply, losses.softmax_cross_entropy)
+    ref_updates, _ = ref.update(None, ref.init(params), params, batch=batch)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), updates, ref_updates)

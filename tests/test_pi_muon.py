@@ -110,18 +110,19 @@ def test_converges_like_layerwise_gn_on_a_quadratic():
     assert gn_steps <= 2
     solver = gnopt.solvers.cg(max_iters=20)
     # ρ = 1 keeps λ at its limit: from λ0 = λ_max the step is the layerwise GN step.
-    optimistic = pi_muon(apply_fn, losses.mean_squared_error, 0.02, solver=solver,
+    optimistic = pi_muon(apply_fn, losses.mean_squared_error, 0.02, solver=solver, damping=1e-3,
                          fusion=fusion_weight_controller(lambda0=1.0))
     pi_steps, state = steps_to_tolerance(optimistic, params, batch, exact)
     assert pi_steps <= gn_steps
     assert float(state.diagnostics["rho"]) == pytest.approx(1.0, abs=1e-3)
     # From the default λ0 = 0.5 the controller ramps λ up; the ramp bounds the extra steps.
     default_steps, state = steps_to_tolerance(
-        pi_muon(apply_fn, losses.mean_squared_error, 0.02, solver=solver), params, batch, exact)
+        pi_muon(apply_fn, losses.mean_squared_error, 0.02, solver=solver, damping=1e-3),
+        params, batch, exact)
     assert default_steps <= gn_steps + 5
     # §3 as written (u + λ s⊥) keeps Muon's component along u and does not converge like GN:
     literal, _ = steps_to_tolerance(
-        pi_muon(apply_fn, losses.mean_squared_error, 0.02, solver=solver, parallel="muon",
+        pi_muon(apply_fn, losses.mean_squared_error, 0.02, solver=solver, parallel="muon", damping=1e-3,
                 fusion=fusion_weight_controller(lambda0=1.0)), params, batch, exact)
     assert literal > gn_steps + 5
 

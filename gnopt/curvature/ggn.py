@@ -99,14 +99,35 @@ class LinearisedModel:
         """Per-block inner products ``⟨a_k, b_k⟩`` (shape ``[num_blocks]``)."""
         return _blocks.block_vdot(a, b, self.block_ids, self.num_blocks)
 
+    def model_terms(self, delta, objective: str = "quadratic"):
+        """Per-block model values and output cotangents at ``Δ``, without transposes.
+
+        With ``u_k = J_k Δ_k``:
+
+        * ``"quadratic"``: ``q_k = ∇ℓᵀu_k + ½ u_kᵀ H_z u_k`` and cotangent
+          ``∇ℓ + H_z u_k`` (so ``J_kᵀ`` of it is ``∇_k q``);
+        * ``"prox_linear"``: ``ℓ(z0 + u_k) − ℓ(z0)`` and ``∇ℓ(z0 + u_k)``.
+
+        Returns ``(values [num_blocks], cotangents list)``.
+        """
+        tangents = self.block_tangents(delta)
+        if objective == "quadratic":
+            gz = self.output_grad()
+            hus = [self.output_hvp(u) for u in tangents]
+            values = [jnp.vdot(gz, u) + 0.5 * jnp.vdot(u, hu) for u, hu in zip(tangents, hus)]
+            return jnp.stack(values), [gz + hu for hu in hus]
+        loss0 = self.loss()
+        shifted = [self.outputs + u for u in tangents]
+        return jnp.stack([self.loss(z) - loss0 for z in shifted]), [self.output_grad(z) for z in shifted]
+
     def quadratic(self, delta, damping=0.0):
         """Per-block GN model decrease ``q_k(Δ) = g_kᵀΔ_k + ½ Δ_kᵀ(G_kk + δI)Δ_k``.
 
-        The GN quadratic of the whole step is ``ℓ(z0) + Σ_k q_k``.
+        The GN quadratic of the whole step is ``ℓ(z0) + Σ_k q_k``. Costs one
+        tangent pass per block (``g_kᵀΔ_k = ∇ℓᵀ J_k Δ_k``).
         """
-        gd = self.block_vdot(self.gradient(), delta)
-        curv = self.block_vdot(delta, self.ggn_mvp(delta)) + damping * self.block_vdot(delta, delta)
-        return gd + 0.5 * curv
+        values, _ = self.model_terms(delta)
+        return values + 0.5 * damping * self.block_vdot(delta, delta)
 
 
 def ggn_mvp(apply_fn: Callable, loss_fn: LossFn, params, batch, v, *, blocks=None):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
+from gnopt.curvature.blocks import block_scale
 from gnopt.schedules import inner_cosine
 from gnopt.solvers.base import AbstractSolver
 
@@ -73,25 +74,15 @@ class InnerOptimizer(AbstractSolver):
         opt = self.optimizer
         if not isinstance(opt, optax.GradientTransformation):
             opt = opt(num_steps)
-        delta0 = otu.tree_cast_like(delta0, params)
+        delta0 = self.safe_warm_start(apply_fn, loss_fn, curvature, params, micro, delta0, damping)
 
         def step(carry, mb):
             delta, opt_state = carry
             lin = curvature.linearise(apply_fn, loss_fn, params, mb)
-            tangents = lin.block_tangents(delta)
-            if self.objective == "quadratic":
-                gz = lin.output_grad()
-                hus = [lin.output_hvp(u) for u in tangents]
-                value = sum(jnp.vdot(gz, u) + 0.5 * jnp.vdot(u, hu) for u, hu in zip(tangents, hus))
-                cotangents = [gz + hu for hu in hus]
-            else:
-                loss0 = lin.loss()
-                shifted = [lin.outputs + u for u in tangents]
-                value = sum(lin.loss(z) - loss0 for z in shifted)
-                cotangents = [lin.output_grad(z) for z in shifted]
+            values, cotangents = lin.model_terms(delta, self.objective)
             grad = otu.tree_add_scale(lin.block_pullback(cotangents), damping, delta)
             updates, opt_state = opt.update(grad, opt_state, delta)
-            return (optax.apply_updates(delta, updates), opt_state), value
+            return (optax.apply_updates(delta, updates), opt_state), jnp.sum(values)
 
         (delta, _), values = jax.lax.scan(step, (delta0, opt.init(delta0)), micro)
         return delta, {
@@ -99,6 +90,19 @@ class InnerOptimizer(AbstractSolver):
             "model_first": values[0],
             "model_last": values[-1],
         }
+
+
+    def safe_warm_start(self, apply_fn, loss_fn, curvature, params, micro, delta0, damping):
+        """Drops the warm start of each block whose model value on the first
+        micro-batch is positive (worse than ``Δ = 0``), as CG does (Martens 2010 §4.5).
+
+        Costs one primal and one tangent pass per block on one micro-batch.
+        """
+        delta0 = otu.tree_cast_like(delta0, params)
+        lin = curvature.linearise(apply_fn, loss_fn, params, jax.tree.map(lambda x: x[0], micro))
+        values, _ = lin.model_terms(delta0, self.objective)
+        keep = values + 0.5 * damping * lin.block_vdot(delta0, delta0) <= 0.0  # False for NaN
+        return block_scale(keep.astype(jnp.float32), delta0, lin.block_ids)
 
 
 def inner_optimizer(optimizer: OptimizerOrFactory, inner_batch_size: int) -> InnerOptimizer:

@@ -24,7 +24,7 @@ import optax.tree_utils as otu
 from gnopt.control import PIController, PIState
 from gnopt.curvature import AbstractCurvature, full, trust_ratio
 from gnopt.line_search import AbstractLineSearch
-from gnopt.solvers import AbstractSolver, cg, working_precision
+from gnopt.solvers import AbstractSolver, cg, split_microbatches, working_precision
 
 
 class GaussNewtonState(NamedTuple):
@@ -43,10 +43,21 @@ def require_batch(name: str, params, batch):
         raise ValueError(f"{name}.update needs the keyword argument batch=(inputs, targets)")
 
 
-def tree_loss(apply_fn, loss_fn, params, batch):
-    """``L(θ) = ℓ(f(θ, x), y)`` on a batch."""
-    inputs, targets = batch
-    return loss_fn(apply_fn(params, inputs), targets)
+def tree_loss(apply_fn, loss_fn, params, batch, chunk_size: int | None = None):
+    """``L(θ) = ℓ(f(θ, x), y)`` on a batch.
+
+    With ``chunk_size``, the mean of the loss over strided chunks of that many
+    sequences, one chunk in memory at a time (``lax.map``): the batch mean for
+    a per-token mean loss with equal tokens per chunk.
+    """
+    def loss(chunk):
+        inputs, targets = chunk
+        return loss_fn(apply_fn(params, inputs), targets)
+
+    if chunk_size is None:
+        return loss(batch)
+    _, chunks = split_microbatches(batch, chunk_size)
+    return jnp.mean(jax.lax.map(loss, chunks))
 
 
 def _learning_rate(learning_rate, count):
@@ -63,6 +74,7 @@ def gauss_newton(
     learning_rate: float | optax.Schedule = 1.0,
     damping: float | PIController = 0.0,
     warm_start: float = 1.0,
+    loss_chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """A Gauss-Newton optimizer step (full, layerwise, CG, inner optimizer, prox-linear).
 
@@ -80,7 +92,11 @@ def gauss_newton(
         driven by the trust ratio ``ρ`` of each step (a smooth
         Levenberg–Marquardt rule; costs one jvp and one forward per step).
       warm_start: factor on the last solution used as the next initial ``Δ``
-        (0 disables warm starts; Martens uses 0.95).
+        (0 disables warm starts; Martens uses 0.95); after a rejected step
+        (``α = 0``) the next solve starts from 0.
+      loss_chunk_size: evaluate line-search losses over chunks of this many
+        sequences (memory of one chunk: needed at paper-size batches, where
+        one pass over the line-search batch's logits does not fit).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs
@@ -97,7 +113,7 @@ def gauss_newton(
     adaptive = isinstance(damping, PIController)
 
     def loss_of(params, batch):
-        return tree_loss(apply_fn, loss_fn, params, batch)
+        return tree_loss(apply_fn, loss_fn, params, batch, loss_chunk_size)
 
     def init_fn(params):
         names = ("loss_before", "step_size", "update_norm") + solver.stat_names
@@ -132,7 +148,8 @@ def gauss_newton(
             damping_state, _ = damping.update(state.damping, rho)
             diag |= {"damping": delta_now, "rho": rho}
         diag = {k: jnp.asarray(diag[k], jnp.float32) for k in state.diagnostics}
-        warm = working_precision(otu.tree_scale(warm_start, delta))
+        # A rejected step (α = 0) must not be retried from its own direction.
+        warm = working_precision(otu.tree_scale(jnp.where(alpha > 0, warm_start, 0.0), delta))
         return new_updates, GaussNewtonState(state.count + 1, warm, damping_state, diag)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

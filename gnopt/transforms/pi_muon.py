@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
-from gnopt.control import PIController, PIState, fusion_weight_controller
+from gnopt.control import PIController, PIState, damping_controller, fusion_weight_controller
 from gnopt.curvature import AbstractCurvature, layerwise, trust_ratio
 from gnopt.solvers import AbstractSolver, cg, working_precision
 from gnopt.transforms.gauss_newton import require_batch
@@ -79,7 +79,7 @@ def pi_muon(
     solver: AbstractSolver | None = None,
     curvature: AbstractCurvature | None = None,
     fusion: PIController | None = None,
-    damping: float | PIController = 1e-3,
+    damping: float | PIController | None = None,
     parallel: str = "interpolate",
     gn_warm_start: float = 1.0,
     **muon_kwargs,
@@ -92,9 +92,12 @@ def pi_muon(
       solver: GN solver for ``s`` (default ``cg(max_iters=10)``).
       curvature: GGN of ``s`` (default :func:`gnopt.curvature.layerwise`).
       fusion: controller of ``λ`` (default
-        :func:`gnopt.control.fusion_weight_controller`).
-      damping: ``δ``, a float or a controller (e.g.
-        :func:`gnopt.control.damping_controller`, driven by the same ``ρ``).
+        ``fusion_weight_controller(reject_below=0.0)``: steps whose loss rose
+        against the model's prediction fall back to Muon's step).
+      damping: ``δ``, a float or a controller driven by the same ``ρ``
+        (default :func:`gnopt.control.damping_controller`). Measured on the
+        tiny LLaMA: a fixed ``δ = 1e-3`` without rejection diverges in the
+        first steps (loss 5.5 → 1e8); the adaptive defaults train.
       parallel: ``"interpolate"`` (default) or ``"muon"`` (§3 as written).
       gn_warm_start: factor on the last ``s`` used to start the next solve.
       **muon_kwargs: passed to :func:`gnopt.transforms.muon`.
@@ -107,7 +110,8 @@ def pi_muon(
         raise ValueError(f"pi_muon: parallel must be 'interpolate' or 'muon', got {parallel!r}")
     solver = cg(max_iters=10) if solver is None else solver
     curvature = layerwise() if curvature is None else curvature
-    fusion = fusion_weight_controller() if fusion is None else fusion
+    fusion = fusion_weight_controller(reject_below=0.0) if fusion is None else fusion
+    damping = damping_controller() if damping is None else damping
     adaptive = isinstance(damping, PIController)
     base = muon(learning_rate, **muon_kwargs)
     stat_names = ("lambda", "rho", "perp_ratio", "damping", "accepted", "actual_decrease",
