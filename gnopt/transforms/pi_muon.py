@@ -82,6 +82,7 @@ def pi_muon(
     damping: float | PIController | None = None,
     parallel: str = "interpolate",
     gn_warm_start: float = 1.0,
+    trust_batch_size: int | None = None,
     **muon_kwargs,
 ) -> optax.GradientTransformationExtraArgs:
     """PI-Muon (see the module docstring for the maths).
@@ -100,6 +101,8 @@ def pi_muon(
         first steps (loss 5.5 → 1e8); the adaptive defaults train.
       parallel: ``"interpolate"`` (default) or ``"muon"`` (§3 as written).
       gn_warm_start: factor on the last ``s`` used to start the next solve.
+      trust_batch_size: measure ``ρ`` on the first this many sequences of the
+        batch (default: all; paper-size batches need a slice to fit in memory).
       **muon_kwargs: passed to :func:`gnopt.transforms.muon`.
 
     Returns:
@@ -133,7 +136,9 @@ def pi_muon(
             step = jax.tree.map(lambda ul, cl, pl: ((1 - lam) + lam * cl) * ul + lam * pl, u, c, s_perp)
         else:
             step = jax.tree.map(lambda ul, pl: ul + lam * pl, u, s_perp)
-        rho, actual, predicted = trust_ratio(apply_fn, loss_fn, params, batch, step)
+        trust_batch = batch if trust_batch_size is None else jax.tree.map(
+            lambda x: x[:trust_batch_size], batch)
+        rho, actual, predicted = trust_ratio(apply_fn, loss_fn, params, trust_batch, step)
         fusion_state, accept = fusion.update(state.fusion, rho)
         damping_state = damping.update(state.damping, rho)[0] if adaptive else None
         step = jax.tree.map(lambda a, b: jnp.where(accept, a, b), step, u)
