@@ -25,11 +25,14 @@ every process; each process then reads its own slice of the data
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp")
 
@@ -84,6 +87,21 @@ def shard_tree(tree, mesh: Mesh):
     return jax.device_put(tree, tree_shardings(tree, mesh))
 
 
+class StepShardings(NamedTuple):
+    """Where a training step's inputs and outputs live."""
+
+    params: Any  # per-leaf NamedSharding of the parameters (tree_shardings)
+    opt_state: Any  # per-leaf NamedSharding of the optimizer state (tree_shardings)
+    batch: NamedSharding  # every batch leaf: rows over all devices (batch_sharding)
+    replicated: NamedSharding  # scalars: loss, flags, diagnostics, RNG key
+
+
+def step_shardings(mesh: Mesh, params, opt_state) -> StepShardings:
+    """:class:`StepShardings` of ``params`` and ``opt_state`` (arrays or shape structs) on ``mesh``."""
+    return StepShardings(tree_shardings(params, mesh), tree_shardings(opt_state, mesh),
+                         batch_sharding(mesh), replicated(mesh))
+
+
 def global_batch(local_batch, mesh: Mesh):
     """Assembles the global batch from this process's rows (single- or multi-host).
 
@@ -105,13 +123,22 @@ def global_batch(local_batch, mesh: Mesh):
     return jax.tree.map(put, local_batch)
 
 
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true in any process (all processes must call it; no-op for one)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
     """Multi-host start-up: ``jax.distributed.initialize`` (no-op for one process).
 
-    On managed clusters (SLURM, Cloud TPU, …) all arguments may be left out and
-    JAX discovers them; elsewhere pass the coordinator's ``host:port``, the
-    process count and this process's id, identically in every process.
+    On managed clusters (SLURM, Open MPI, Cloud TPU, Kubernetes) all arguments
+    may be left out and JAX discovers them; elsewhere pass the coordinator's
+    ``host:port`` (process 0's machine; or set ``JAX_COORDINATOR_ADDRESS``) and
+    the process count, the same in every process, and this process's id
+    (``0 … num_processes − 1``). See ``docs/multihost.md``.
     """
     if num_processes == 1:
         return

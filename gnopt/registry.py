@@ -10,6 +10,8 @@ Importing this module registers, under the names used in ``gin/*.gin``:
   ``gnopt.line_search.<name>``, ``gnopt.schedules.<name>``;
 * ``gnopt.models.<name>``: ``LLaMA``, ``llama_config``, ``MLP``;
 * ``gnopt.data.<name>``: token sources;
+* ``gnopt.distributed.initialize``: multi-host start-up (``python -m gnopt.train``
+  calls it when any of its arguments is bound, see ``docs/multihost.md``);
 * constants ``%gnopt.losses.softmax_cross_entropy`` and
   ``%gnopt.losses.mean_squared_error``.
 
@@ -30,6 +32,7 @@ from gnopt import (
     control,
     curvature,
     data,
+    distributed,
     line_search,
     losses,
     models,
@@ -77,5 +80,6 @@ _register("gnopt.models", {"LLaMA": models.LLaMA, "llama_config": models.llama_c
                            "MLP": models.MLP})
 _register("gnopt.data", {"stdlib_corpus": data.stdlib_corpus, "text_files": data.text_files,
                          "token_shards": data.token_shards})
+_register("gnopt.distributed", {"initialize": distributed.initialize})
 gin.constant("gnopt.losses.softmax_cross_entropy", losses.softmax_cross_entropy)
 gin.constant("gnopt.losses.mean_squared_error", losses.mean_squared_error)

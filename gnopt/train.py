@@ -8,9 +8,11 @@
 
 A thin driver: batches from :mod:`gnopt.data`, one jitted step, metrics to
 ``RUN_DIR/metrics.jsonl``, the gin operative config to ``RUN_DIR/config.gin``,
-checkpoints (orbax, atomic) to ``RUN_DIR/checkpoints``. Re-running the same
-command with the same run folder resumes from the newest checkpoint; on one
-machine the resumed run repeats the uninterrupted one bit for bit.
+checkpoints (orbax, atomic, checksummed) to ``RUN_DIR/checkpoints``. Re-running
+the same command with the same run folder resumes from the newest intact
+checkpoint (a corrupt one is moved aside with a warning); on one machine the
+resumed run repeats the uninterrupted one bit for bit. ``train.init_from``
+starts a new run from another run's parameters (fresh optimizer state, step 0).
 
 The step (:func:`make_train_step`): ``loss, g = value_and_grad(L)(θ)``;
 ``u, s' = tx.update(g, s, θ, batch=batch, line_search_batch=...)``;
@@ -18,17 +20,28 @@ The step (:func:`make_train_step`): ``loss, g = value_and_grad(L)(θ)``;
 finite, ``θ`` and ``s`` are kept unchanged; the run counts such steps and stops
 after ``max_nonfinite_in_a_row`` of them in a row.
 
+Scale-out (:mod:`gnopt.distributed`): the step runs on a ``(data, fsdp)`` mesh
+(``train.mesh``; default: every device on ``data``); the batch is split over
+all devices, parameters and optimizer state are sharded over ``fsdp``. With
+several processes (``--gin_param 'gnopt.distributed.initialize.…'``, see
+``docs/multihost.md``) each reads its own share of every batch and only process
+0 writes metrics and the config; checkpoints are written once, each array shard
+by the process holding it. A checkpoint resumes on any mesh or device count.
+
 Optimizer builders that take ``apply_fn`` (``gnopt.gauss_newton``,
 ``gnopt.pi_muon``, K-FAC) get it and ``loss_fn``; they see the whole batch, so
 they cannot use gradient accumulation. When an optimizer ignores the gradient
 (Gauss-Newton derives its own from the batch) XLA drops the trainer's backward
 pass; the trainer then only adds one forward pass for the logged loss.
 
-``tokens`` counts every token drawn from the training stream, the line-search
-batches of ``line_search_batch="next"`` included.
+``tokens`` counts every token drawn from the training stream (all processes),
+the line-search batches of ``line_search_batch="next"`` included.
 
-Exit codes: 0 done, 1 stopped on non-finite steps, 2 bad configuration (one
-line on stderr, nothing computed).
+Exit codes (:func:`main`): 0 done; 1 stopped on non-finite steps; 2 bad
+configuration (one line on stderr, nothing computed); 3 a token shard vanished
+(checkpoint saved: put it back and re-run); 4 no intact checkpoint to resume
+from; 143 stopped by SIGTERM (checkpoint saved at the current step: re-run to
+resume).
 """
 
 from __future__ import annotations
@@ -41,7 +54,9 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -56,14 +71,22 @@ from tqdm import tqdm
 
 import gin
 from gnopt import data as data_lib
+from gnopt import distributed as dist
 from gnopt import models, registry
-from gnopt.checkpoint import Checkpointer, CheckpointMismatchError
+from gnopt.checkpoint import (
+    CheckpointCorruptError,
+    Checkpointer,
+    CheckpointMismatchError,
+)
 from gnopt.losses import softmax_cross_entropy
 from gnopt.metrics import MetricsLog, find_diagnostics
 from gnopt.solvers import split_microbatches
 
 CONFIG_FILE = "config.gin"
 CHECKPOINT_DIR = "checkpoints"
+EXIT_DATA_MISSING = 3
+EXIT_NO_INTACT_CHECKPOINT = 4
+EXIT_SIGTERM = 128 + signal.SIGTERM
 
 
 class ConfigError(ValueError):
@@ -72,6 +95,10 @@ class ConfigError(ValueError):
 
 class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row."""
+
+
+class DataSourceError(RuntimeError):
+    """A token shard of the training data vanished during the run."""
 
 
 def apply_model(model, inputs, tap=None):
@@ -159,14 +186,17 @@ def chunked_value_and_grad(loss_fn: Callable, params, batch, chunk_size: int | N
 
 
 def make_train_step(tx: optax.GradientTransformationExtraArgs, loss_fn: Callable, *,
-                    check_grads: bool = True, chunk_size: int | None = None) -> Callable:
+                    check_grads: bool = True, chunk_size: int | None = None,
+                    shardings: dist.StepShardings | None = None) -> Callable:
     """The jitted step ``(θ, s, batch, ls_batch) -> (θ', s', loss, ok, diagnostics)``.
 
     ``θ`` and ``s`` are donated. ``ok`` is whether the loss, the update and (if
     ``check_grads``) the gradient were finite; if not, ``θ' = θ`` and
     ``s' = s``. ``diagnostics`` are those of the new optimizer state, also on a
     rejected step (they say what went wrong). ``chunk_size``: see
-    :func:`chunked_value_and_grad`.
+    :func:`chunked_value_and_grad`. ``shardings``: where the inputs must be and
+    the outputs are put (``θ'``, ``s'`` keep those of ``θ``, ``s``; scalars are
+    replicated); ``None``: wherever the inputs are.
     """
 
     def step(params, opt_state, batch, line_search_batch):
@@ -178,7 +208,11 @@ def make_train_step(tx: optax.GradientTransformationExtraArgs, loss_fn: Callable
         return (otu.tree_where(ok, new_params, params), otu.tree_where(ok, new_state, opt_state),
                 loss, ok, find_diagnostics(new_state))
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    p, s, b, r = shardings
+    return jax.jit(step, donate_argnums=(0, 1), in_shardings=(p, s, b, b),
+                   out_shardings=(p, s, r, r, r))
 
 
 def _one_line(error: BaseException) -> str:
@@ -232,20 +266,53 @@ def _check_options(options: dict[str, Any]) -> None:
         raise ConfigError("train.target_loss on val_loss needs train.eval_every > 0")
 
 
-def _build_model(model: Callable, key):
-    params = model(key=key)
-    odd = [type(x).__name__ for x in jax.tree.leaves(params) if not eqx.is_array(x)]
+
+def _device_mesh(shape) -> jax.sharding.Mesh:
+    """``train.mesh``: ``None``, ``{"data": d, "fsdp": f}`` or ``(d, f)``; data fills the devices
+    unless given (``-1`` also fills), fsdp is 1 unless given."""
+    if shape is None:
+        shape = {}
+    if isinstance(shape, (tuple, list)) and len(shape) == len(dist.AXES):
+        shape = dict(zip(dist.AXES, shape))
+    if (not isinstance(shape, dict) or not set(shape) <= set(dist.AXES)
+            or not all(isinstance(size, int) for size in shape.values())):
+        raise ConfigError(f"train.mesh must be {{'data': d, 'fsdp': f}} or (d, f) with int sizes "
+                          f"(-1: the rest), got {shape!r}")
+    try:
+        return dist.make_mesh(shape.get("data", -1), shape.get("fsdp", 1))
+    except ValueError as e:
+        raise ConfigError(f"train.mesh: {e}") from e
+
+
+def _check_batch_split(mesh: jax.sharding.Mesh, options: dict[str, Any]) -> None:
+    """Every (micro-)batch must split evenly over the mesh's devices."""
+    devices = mesh.devices.size
+    for name in ("batch_size", "microbatch_size"):
+        if options[name] is not None and options[name] % devices:
+            raise ConfigError(f"train.{name}={options[name]} must be divisible by the {devices} "
+                              f"devices of the mesh {dict(mesh.shape)}")
+
+
+def _init_params(model: Callable, seed: int):
+    """``(params, rng)``: the model from ``seed``'s first key, the second kept for later use."""
+    model_key, rng = jax.random.split(jax.random.PRNGKey(seed))
+    return model(key=model_key), rng
+
+
+def _abstract_params(init: Callable):
+    """The shapes of ``init()``'s parameters (no compute); all leaves must be arrays."""
+    params, _ = eqx.filter_eval_shape(init)
+    odd = [type(x).__name__ for x in jax.tree.leaves(params)
+           if not isinstance(x, jax.ShapeDtypeStruct)]
     if odd:
         raise ConfigError(f"the model has non-array leaves ({sorted(set(odd))}); "
                           "mark them eqx.field(static=True)")
     return params
 
 
-def _trace_shapes(model: Callable, key, tx, step_fn, *, batch_size: int, seq_len: int,
+def _trace_shapes(params, opt_state, step_fn, *, batch_size: int, seq_len: int,
                   next_batch: bool) -> dict[str, Any]:
-    """Builds the model and optimizer state abstractly and traces one step (no compute)."""
-    params = eqx.filter_eval_shape(model, key=key)
-    opt_state = jax.eval_shape(tx.init, params)
+    """Traces one step on the abstract model and optimizer state (no compute)."""
     tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
     jax.eval_shape(step_fn, params, opt_state, (tokens, tokens),
                    (tokens, tokens) if next_batch else None)
@@ -272,6 +339,82 @@ def _check_vocab(params, tokens, *, seq_len: int, batches: int = 8) -> None:
                           "classes (set the model's vocab_size)")
 
 
+def _process_rows(batch):
+    """This process's share of the rows of a batch that every process holds whole."""
+    i, n = jax.process_index(), jax.process_count()
+    return jax.tree.map(lambda x: x[i * len(x) // n:(i + 1) * len(x) // n], batch)
+
+
+def _token_files(tokens) -> list[tuple[str, int]]:
+    """``(path, bytes the memory map needs)`` of each memory-mapped shard of a token stream."""
+    shards = tokens.shards if isinstance(tokens, data_lib.ShardedTokens) else [tokens]
+    return [(s.filename, s.offset + s.nbytes) for s in shards
+            if isinstance(s, np.memmap) and s.filename]
+
+
+def _vanished(files: list[tuple[str, int]]) -> str | None:
+    """What happened to the first of ``files`` that is gone or shorter than mapped, if any.
+
+    A memory map of a deleted file stays readable, so the loss of a shard (deleted,
+    moved, unmounted) shows only here; a truncated one would crash the reader.
+    """
+    for path, size in files:
+        try:
+            actual = os.path.getsize(path)
+        except OSError:
+            return f"token shard {path} disappeared"
+        if actual < size:
+            return f"token shard {path} shrank to {actual} bytes (its memory map needs {size})"
+    return None
+
+
+@contextlib.contextmanager
+def _sigterm_received():
+    """A list that gets an entry on SIGTERM, which then no longer kills the process.
+
+    Only in the main thread (Python delivers signals there); elsewhere it stays empty.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _open_init_from(init_from: str) -> tuple[Checkpointer, int | None]:
+    """``(read-only checkpointer, step or None: the newest)`` of ``train.init_from``: a run
+    folder, its checkpoint folder or one step's folder."""
+    path, step = os.path.abspath(init_from), None
+    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+        path = os.path.join(path, CHECKPOINT_DIR)
+    elif os.path.basename(path).isdigit():
+        path, step = os.path.dirname(path), int(os.path.basename(path))
+    if not os.path.isdir(path):
+        raise ConfigError(f"train.init_from={init_from!r} is not a run or checkpoint folder")
+    checkpointer = Checkpointer(path, create=False)
+    steps = checkpointer.all_steps()
+    if not steps or (step is not None and step not in steps):
+        checkpointer.close()
+        which = "" if step is None else f" of step {step}"
+        raise ConfigError(f"train.init_from={init_from!r}: no checkpoint{which} in {path}")
+    return checkpointer, step
+
+
+def _load_params(source: tuple[Checkpointer, int | None], params):
+    """``(params, step)`` read from ``source`` (see :func:`_open_init_from`) into the template
+    ``params`` (shapes and shardings); only the parameters are read."""
+    checkpointer, step = source
+    try:
+        loaded, meta = checkpointer.restore({"params": params}, step, partial=True)
+    except CheckpointCorruptError as e:
+        raise ConfigError(f"train.init_from: {e}") from e
+    return loaded["params"], meta["step"]
+
+
 @gin.configurable("train", module="gnopt", denylist=["run_dir", "mode"])
 def train(
     run_dir: str | None = None,
@@ -282,6 +425,8 @@ def train(
     data: Callable = registry.CONFIGURABLES["gnopt.data.stdlib_corpus"],
     val_data: Callable | None = None,
     loss_fn: Callable = softmax_cross_entropy,
+    mesh: dict[str, int] | tuple[int, int] | None = None,
+    init_from: str | None = None,
     seq_len: int = 128,
     batch_size: int = 16,
     grad_accum_steps: int = 1,
@@ -299,7 +444,7 @@ def train(
     max_nonfinite_in_a_row: int = 10,
     line_search_batch: str = "same",
 ) -> dict[str, Any]:
-    """Trains a model; resumes from ``run_dir``'s newest checkpoint if there is one.
+    """Trains a model; resumes from ``run_dir``'s newest intact checkpoint if there is one.
 
     Args:
       run_dir: folder of metrics, config and checkpoints (only ``mode="train"``).
@@ -318,13 +463,22 @@ def train(
       val_data: validation token source, used whole (called with
         ``split="all"`` if it accepts it).
       loss_fn: ``loss_fn(logits, targets) -> scalar``.
-      seq_len, batch_size: ``[B, T]`` of one (micro-)batch.
+      mesh: device mesh ``{"data": d, "fsdp": f}`` or ``(d, f)`` over all
+        devices of all processes (``-1``: the rest); ``None``: every device on
+        ``data``. Batches are split over all devices; parameters and optimizer
+        state are sharded over ``fsdp`` (:func:`gnopt.distributed.leaf_spec`).
+      init_from: a run folder, its ``checkpoints`` folder or one step's folder
+        (e.g. a short AdamW warm-up): a new run starts from its parameters,
+        with a fresh optimizer state at step 0. Ignored when ``run_dir`` has a
+        checkpoint of its own (that is resumed).
+      seq_len, batch_size: ``[B, T]`` of one (micro-)batch; ``B`` is global
+        (all processes) and must be divisible by the mesh's device count.
       grad_accum_steps: micro-batches per optimizer step (first-order only);
         the effective batch is ``batch_size · grad_accum_steps``.
       microbatch_size: compute the trainer's loss and gradient, and the
         validation loss, in chunks of this many sequences (memory: needed for
         second-order optimizers on batches of millions of tokens); ``None``:
-        the whole batch at once.
+        the whole batch at once. Must be divisible by the device count.
       num_steps: optimizer steps to reach (counting steps of earlier runs).
       eval_every: validation loss every this many steps and at the end (0: never).
       eval_batches: validation batches per evaluation (the same ones each time).
@@ -341,14 +495,20 @@ def train(
         the step's batch; ``"next"``: on one more batch drawn per step (counted
         in ``tokens``).
 
+    A SIGTERM (in the main thread) ends the run after the current step, with a
+    checkpoint of it and ``stop_reason="sigterm"``.
+
     Returns:
       A summary: ``step``, ``loss``, ``val_loss``, ``tokens``, ``wall_s``,
-      ``tokens_per_s`` (this process, after compilation), ``stop_reason``
-      (``mode="shapes"``: ``step`` and ``num_params``).
+      ``tokens_per_s`` (after compilation), ``stop_reason`` (``"num_steps"``,
+      ``"target_loss"``, ``"sigterm"``), and the final ``params`` and
+      ``opt_state`` (on the mesh) (``mode="shapes"``: ``step`` and ``num_params``).
 
     Raises:
       ConfigError: a bad setting (before any step).
       NonFiniteError: ``max_nonfinite_in_a_row`` rejected steps in a row.
+      DataSourceError: a token shard vanished; a checkpoint of the last step is saved.
+      CheckpointCorruptError: ``run_dir`` has checkpoints but none is intact.
     """
     options = dict(locals())  # the arguments, for their checks
     with _config_errors():
@@ -357,119 +517,176 @@ def train(
             raise ConfigError("train needs a run_dir")
         if model is None:
             raise ConfigError("train.model is not set (e.g. train.model = @gnopt.models.LLaMA)")
-        model_key, rng = jax.random.split(jax.random.PRNGKey(seed))
+        if init_from is not None and not isinstance(init_from, (str, os.PathLike)):
+            raise ConfigError(f"train.init_from must be a path, got {init_from!r}")
+        device_mesh = _device_mesh(mesh)
+        _check_batch_split(device_mesh, options)
         tx, second_order = build_optimizer(optimizer, loss_fn=loss_fn, total_steps=num_steps,
                                            grad_accum_steps=grad_accum_steps)
+        init = functools.partial(_init_params, model, seed)
+        abstract_params = _abstract_params(init)
+        abstract_state = jax.eval_shape(tx.init, abstract_params)
+        shardings = dist.step_shardings(device_mesh, abstract_params, abstract_state)
         step_fn = make_train_step(tx, loss_fn, check_grads=not second_order,
-                                  chunk_size=microbatch_size)
+                                  chunk_size=microbatch_size, shardings=shardings)
         if mode == "shapes":
-            return _trace_shapes(model, model_key, tx, step_fn, batch_size=batch_size,
+            return _trace_shapes(abstract_params, abstract_state, step_fn, batch_size=batch_size,
                                  seq_len=seq_len, next_batch=line_search_batch == "next")
+        source = None if init_from is None else _open_init_from(init_from)
         train_tokens, val_tokens = _load_tokens(data, val_data)
-        params = _build_model(model, model_key)
-        pipeline = data_lib.make_pipeline(train_tokens, seq_len=seq_len, batch_size=batch_size,
-                                          seed=seed, shuffle=shuffle)
-        val_batches = (data_lib.validation_batches(
-            val_tokens, seq_len=seq_len, batch_size=microbatch_size or batch_size,
-            num_batches=eval_batches) if eval_every else [])
+        params, rng = jax.jit(init, out_shardings=(shardings.params, shardings.replicated))()
         _check_vocab(params, train_tokens, seq_len=seq_len)
-        # Copies: an init may put one array in two places, which donation rejects.
-        opt_state = jax.tree.map(jnp.copy, tx.init(params))
-    print(f"model: {models.describe(params)}", flush=True)
+        processes = jax.process_count()
+        pipeline = data_lib.make_pipeline(train_tokens, seq_len=seq_len,
+                                          batch_size=batch_size // processes, seed=seed,
+                                          shuffle=shuffle, shard_index=jax.process_index(),
+                                          shard_count=processes)
+        val_batches = [dist.global_batch(_process_rows(batch), device_mesh)
+                       for batch in data_lib.validation_batches(
+                           val_tokens, seq_len=seq_len, batch_size=microbatch_size or batch_size,
+                           num_batches=eval_batches)] if eval_every else []
+    primary = jax.process_index() == 0
+    say = functools.partial(print, flush=True) if primary else lambda *_: None
+    say(f"model: {models.describe(params)}")
+    say(f"mesh: data {device_mesh.shape['data']} x fsdp {device_mesh.shape['fsdp']} "
+        f"({device_mesh.devices.size} device(s), {processes} process(es))")
 
-    state = {"params": params, "opt_state": opt_state, "rng": rng}
-    meta = {"step": 0, "tokens": 0, "wall_s": 0.0, "nonfinite_skipped": 0,
-            "nonfinite_in_a_row": 0, "stop_reason": None}
     dry_run = mode == "dry_run"
-    checkpointer = log = None
+    checkpointer = None
     if not dry_run:
         os.makedirs(run_dir, exist_ok=True)
         checkpointer = Checkpointer(os.path.join(run_dir, CHECKPOINT_DIR), keep=keep_checkpoints)
-        if checkpointer.latest_step() is not None:
-            state, meta = checkpointer.restore(state)
-            pipeline.set_state(meta["data_state"])
-            print(f"resuming {run_dir} from step {meta['step']}", flush=True)
-        log = MetricsLog(run_dir, resume_step=meta["step"])
+    resume = checkpointer is not None and checkpointer.latest_step() is not None
+    if source is not None:
+        if not resume:
+            params, from_step = _load_params(source, params)
+            say(f"parameters from {init_from} (step {from_step}), fresh optimizer state")
+        source[0].close()
+    # Copies: an init may put one array in two places, which donation rejects.
+    opt_state = jax.tree.map(jnp.copy, jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
+    state = {"params": params, "opt_state": opt_state, "rng": rng}
+    meta = {"step": 0, "tokens": 0, "wall_s": 0.0, "nonfinite_skipped": 0,
+            "nonfinite_in_a_row": 0, "stop_reason": None}
+    if resume:
+        state, meta = checkpointer.restore(state)
+        pipeline.set_state(meta["data_state"])
+        say(f"resuming {run_dir} from step {meta['step']}")
+    log = MetricsLog(run_dir, resume_step=meta["step"]) if primary and not dry_run else None
     summary = {"step": meta["step"], "loss": None, "val_loss": None, "tokens": meta["tokens"],
-               "wall_s": meta["wall_s"], "tokens_per_s": None, "stop_reason": meta["stop_reason"]}
+               "wall_s": meta["wall_s"], "tokens_per_s": None, "stop_reason": meta["stop_reason"],
+               "params": state["params"], "opt_state": state["opt_state"]}
     if meta["stop_reason"] == "target_loss" or meta["step"] >= num_steps:
-        print(f"{run_dir} is already finished at step {meta['step']}", flush=True)
+        say(f"{run_dir} is already finished at step {meta['step']}")
         checkpointer.close()
         return summary
 
-    eval_fn = jax.jit(functools.partial(batch_loss, loss_fn))
+    eval_fn = jax.jit(functools.partial(batch_loss, loss_fn), out_shardings=shardings.replicated)
     params, opt_state = state["params"], state["opt_state"]
     step, tokens, skipped, in_a_row = (meta[k] for k in
                                        ("step", "tokens", "nonfinite_skipped", "nonfinite_in_a_row"))
+    watched = [] if dry_run else _token_files(train_tokens)
     start = time.perf_counter()
     rate_start = rate_tokens = None  # throughput clock starts after the first (compiling) step
-    bar = tqdm(total=num_steps, initial=step, unit="step", dynamic_ncols=True, disable=dry_run,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    while True:
-        losses, diagnostics = [], {}
-        for _ in range(grad_accum_steps):
-            batch = next(pipeline)
-            ls_batch = next(pipeline) if line_search_batch == "next" else None
-            params, opt_state, loss, ok, diagnostics = step_fn(params, opt_state, batch, ls_batch)
-            tokens += batch[0].size + (0 if ls_batch is None else ls_batch[0].size)
-            if bool(ok):
-                in_a_row = 0
-            else:
-                skipped, in_a_row = skipped + 1, in_a_row + 1
-            losses.append(loss)
-        step += 1
-        loss = float(np.mean(jax.device_get(losses)))
-        now = time.perf_counter()
-        if rate_start is None:
-            rate_start, rate_tokens = now, tokens
-        record = {"step": step, "tokens": tokens, "loss": loss,
-                  "wall_s": meta["wall_s"] + now - start, "nonfinite_skipped": skipped}
-        if eval_every and (step % eval_every == 0 or step == num_steps or dry_run):
-            record["val_loss"] = float(np.mean([eval_fn(params, b) for b in val_batches]))
-            summary["val_loss"] = record["val_loss"]
-        stop_reason = None
-        if in_a_row >= max_nonfinite_in_a_row:
-            stop_reason = "nonfinite"
-        elif target_loss is not None and record.get(target_metric, math.inf) <= target_loss:
-            stop_reason = "target_loss"
-        elif step >= num_steps:
-            stop_reason = "num_steps"
-        if rate_tokens != tokens:
-            summary["tokens_per_s"] = (tokens - rate_tokens) / (now - rate_start)
-        summary.update(step=step, loss=loss, tokens=tokens, wall_s=record["wall_s"],
-                       stop_reason=stop_reason)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{summary['tokens_per_s'] or 0:,.0f}",
-                        refresh=False)
-        if dry_run:
-            bar.close()
-            return summary
-        if step % log_every == 0 or "val_loss" in record or stop_reason:
-            log.write({**diagnostics, **record})
-        if step == meta["step"] + 1:
-            with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
-                f.write(gin.operative_config_str())
-        if stop_reason == "nonfinite":
-            bar.close()
-            checkpointer.close()
-            raise NonFiniteError(
-                f"stopped at step {step}: {in_a_row} non-finite steps in a row (loss {loss}); "
-                f"parameters are those of the last finite step; lower the learning rate "
-                f"or raise train.max_nonfinite_in_a_row")
-        if stop_reason or (checkpoint_every and step % checkpoint_every == 0):
-            state.update(params=params, opt_state=opt_state)
-            checkpointer.save(step, state, {
-                "step": step, "tokens": tokens, "wall_s": record["wall_s"],
-                "nonfinite_skipped": skipped, "nonfinite_in_a_row": in_a_row,
-                "stop_reason": stop_reason, "data_state": pipeline.get_state()})
-        if stop_reason:
-            bar.close()
-            checkpointer.close()
-            return summary
+    bar = tqdm(total=num_steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=dry_run or not primary, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+
+    def save(stop_reason: str | None) -> None:
+        state.update(params=params, opt_state=opt_state)
+        checkpointer.save(step, state, {
+            "step": step, "tokens": tokens, "wall_s": meta["wall_s"] + time.perf_counter() - start,
+            "nonfinite_skipped": skipped, "nonfinite_in_a_row": in_a_row,
+            "stop_reason": stop_reason, "data_state": pipeline.get_state()})
+
+    with _sigterm_received() as sigterm:
+        while True:
+            vanished = _vanished(watched)
+            if dist.any_process(vanished is not None):
+                bar.close()
+                if step:
+                    save("data_missing")
+                checkpointer.close()
+                saved = f"checkpoint of step {step} in {checkpointer.directory}; " if step else ""
+                raise DataSourceError(
+                    f"{vanished or 'a token shard vanished on another process'} after step "
+                    f"{step}; {saved}put it back and re-run the same command to resume")
+            losses, diagnostics = [], {}
+            for _ in range(grad_accum_steps):
+                batch = dist.global_batch(next(pipeline), device_mesh)
+                ls_batch = (dist.global_batch(next(pipeline), device_mesh)
+                            if line_search_batch == "next" else None)
+                params, opt_state, loss, ok, diagnostics = step_fn(params, opt_state, batch,
+                                                                   ls_batch)
+                tokens += batch[0].size + (0 if ls_batch is None else ls_batch[0].size)
+                if bool(ok):
+                    in_a_row = 0
+                else:
+                    skipped, in_a_row = skipped + 1, in_a_row + 1
+                losses.append(loss)
+            step += 1
+            loss = float(np.mean(jax.device_get(losses)))
+            now = time.perf_counter()
+            if rate_start is None:
+                rate_start, rate_tokens = now, tokens
+            record = {"step": step, "tokens": tokens, "loss": loss,
+                      "wall_s": meta["wall_s"] + now - start, "nonfinite_skipped": skipped}
+            if eval_every and (step % eval_every == 0 or step == num_steps or dry_run):
+                record["val_loss"] = float(np.mean([eval_fn(params, b) for b in val_batches]))
+                summary["val_loss"] = record["val_loss"]
+            stop_reason = None
+            if in_a_row >= max_nonfinite_in_a_row:
+                stop_reason = "nonfinite"
+            elif target_loss is not None and record.get(target_metric, math.inf) <= target_loss:
+                stop_reason = "target_loss"
+            elif step >= num_steps:
+                stop_reason = "num_steps"
+            elif dist.any_process(bool(sigterm)):
+                stop_reason = "sigterm"
+            if rate_tokens != tokens:
+                summary["tokens_per_s"] = (tokens - rate_tokens) / (now - rate_start)
+            summary.update(step=step, loss=loss, tokens=tokens, wall_s=record["wall_s"],
+                           stop_reason=stop_reason, params=params, opt_state=opt_state)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{summary['tokens_per_s'] or 0:,.0f}",
+                            refresh=False)
+            if dry_run:
+                bar.close()
+                return summary
+            if log and (step % log_every == 0 or "val_loss" in record or stop_reason):
+                log.write({**diagnostics, **record})
+            if primary and step == meta["step"] + 1:
+                with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
+                    f.write(gin.operative_config_str())
+            if stop_reason == "nonfinite":
+                bar.close()
+                checkpointer.close()
+                raise NonFiniteError(
+                    f"stopped at step {step}: {in_a_row} non-finite steps in a row (loss {loss}); "
+                    f"parameters are those of the last finite step; lower the learning rate "
+                    f"or raise train.max_nonfinite_in_a_row")
+            if stop_reason or (checkpoint_every and step % checkpoint_every == 0):
+                save(stop_reason)
+            if stop_reason:
+                bar.close()
+                checkpointer.close()
+                return summary
+
+
+_INITIALIZE = "gnopt.distributed.initialize"
+
+
+def _start_processes() -> None:
+    """``gnopt.distributed.initialize`` if the config binds any of its arguments (even to None)."""
+    for argument in ("coordinator_address", "num_processes", "process_id"):
+        try:
+            gin.query_parameter(f"{_INITIALIZE}.{argument}")
+        except ValueError:
+            continue
+        registry.CONFIGURABLES[_INITIALIZE]()
+        return
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code."""
+    """Command-line entry point; returns the exit code (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m gnopt.train",
                                      description="Train a model from gin files.")
     parser.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable)")
@@ -497,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         logging.disable(logging.NOTSET)
     try:
+        _start_processes()
         mode = "dry_run" if args.dry_run else "shapes" if args.shapes_only else "train"
         summary = train(run_dir, mode=mode)
     except (ConfigError, CheckpointMismatchError) as e:
@@ -505,14 +723,26 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"gnopt.train: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
+    except DataSourceError as e:
+        print(f"gnopt.train: {str(e).splitlines()[0]}", file=sys.stderr)
+        return EXIT_DATA_MISSING
+    except CheckpointCorruptError as e:
+        print(f"gnopt.train: {str(e).splitlines()[0]}", file=sys.stderr)
+        return EXIT_NO_INTACT_CHECKPOINT
     if "num_params" in summary:
         print(f"shapes check passed: {summary['num_params']:,} parameters")
         return 0
-    val = "" if summary["val_loss"] is None else f", val_loss {summary['val_loss']:.4f}"
-    rate = "" if summary["tokens_per_s"] is None else f", {summary['tokens_per_s']:,.0f} tokens/s"
-    loss = "" if summary["loss"] is None else f": loss {summary['loss']:.4f}"
-    print(f"step {summary['step']}{loss}{val}, {summary['tokens']:,} tokens, "
-          f"{summary['wall_s']:.1f} s{rate}")
+    if summary["stop_reason"] == "sigterm":
+        print(f"gnopt.train: stopped by SIGTERM after step {summary['step']} (checkpoint saved); "
+              "re-run the same command to resume", file=sys.stderr)
+        return EXIT_SIGTERM
+    if jax.process_index() == 0:
+        val = "" if summary["val_loss"] is None else f", val_loss {summary['val_loss']:.4f}"
+        rate = ("" if summary["tokens_per_s"] is None
+                else f", {summary['tokens_per_s']:,.0f} tokens/s")
+        loss = "" if summary["loss"] is None else f": loss {summary['loss']:.4f}"
+        print(f"step {summary['step']}{loss}{val}, {summary['tokens']:,} tokens, "
+              f"{summary['wall_s']:.1f} s{rate}")
     return 0
 
 

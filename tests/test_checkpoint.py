@@ -68,7 +68,7 @@ def test_restore_into_other_model_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointMismatchError, match=stored_as) as info:
         ckpt.restore(other)
     assert "\n" not in str(info.value)
-    with pytest.raises(CheckpointMismatchError, match="state has 4:"):
+    with pytest.raises(CheckpointMismatchError, match=r"stores \[.opt_state., .params., .rng.\], the configured state has \[.params.\]"):
         ckpt.restore({"params": other["params"]})
 
 
