@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
-from gnopt.curvature.blocks import block_scale
 from gnopt.schedules import inner_cosine
 from gnopt.solvers.base import AbstractSolver
 
@@ -74,7 +73,7 @@ class InnerOptimizer(AbstractSolver):
         opt = self.optimizer
         if not isinstance(opt, optax.GradientTransformation):
             opt = opt(num_steps)
-        delta0 = self.safe_warm_start(apply_fn, loss_fn, curvature, params, micro, delta0, damping)
+        delta0 = otu.tree_cast_like(delta0, params)
 
         def step(carry, mb):
             delta, opt_state = carry
@@ -90,19 +89,6 @@ class InnerOptimizer(AbstractSolver):
             "model_first": values[0],
             "model_last": values[-1],
         }
-
-
-    def safe_warm_start(self, apply_fn, loss_fn, curvature, params, micro, delta0, damping):
-        """Drops the warm start of each block whose model value on the first
-        micro-batch is positive (worse than ``Δ = 0``), as CG does (Martens 2010 §4.5).
-
-        Costs one primal and one tangent pass per block on one micro-batch.
-        """
-        delta0 = otu.tree_cast_like(delta0, params)
-        lin = curvature.linearise(apply_fn, loss_fn, params, jax.tree.map(lambda x: x[0], micro))
-        values, _ = lin.model_terms(delta0, self.objective)
-        keep = values + 0.5 * damping * lin.block_vdot(delta0, delta0) <= 0.0  # False for NaN
-        return block_scale(keep.astype(jnp.float32), delta0, lin.block_ids)
 
 
 def inner_optimizer(optimizer: OptimizerOrFactory, inner_batch_size: int) -> InnerOptimizer:

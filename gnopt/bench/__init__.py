@@ -1,0 +1,18 @@
+"""Benchmarks: ``python -m gnopt.bench <suite> [--smoke] [--out DIR]``.
+
+Suites (each writes ``results/<suite>/<name>.json`` with the machine, date and
+exact command, plus a PNG):
+
+* ``cost``: GGN product / gradient, inner solver step / AdamW step, outer GN
+  step / AdamW step per token, peak memory, MFU on GPUs (:mod:`.cost`);
+* ``steps-to-target``: Abreu et al. (2025) Fig. 1 at small scale (:mod:`.steps`);
+* ``batch-scaling``: steps to target vs batch size with the gradient noise
+  scale (:mod:`.scaling`);
+* ``gpu``: the first two on the 45m model, sized for one GPU (:mod:`.gpu`).
+
+``--smoke`` runs a suite at CI size on CPU in seconds (the tests do).
+"""
+
+from gnopt.bench.cli import SUITES, main
+
+__all__ = ["SUITES", "main"]

@@ -1,0 +1,146 @@
+"""``steps-to-target`` suite: Abreu et al. (2025) Figure 1, scaled to the tiny model.
+
+A short AdamW warm-up at a small batch gives the shared starting point (kept
+in memory, every run copies it). Then, at one large batch, every optimizer
+trains from it until the validation loss reaches ``--target``: steps, tokens and
+step wall time to the target, each baseline over its learning-rate grid (the
+best: fewest steps). Runs that miss the target stop at ``--max-steps``
+(first-order) or ``--max-gn-steps`` (second-order) and are reported as not
+reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import jax
+
+from gnopt import models
+from gnopt.bench import common, plots, runs
+
+FULL = dict(model="tiny", vocab_size=None, dtype="float32", seq=64, batch=128, inner_batch=8,
+            warmup_steps=150, warmup_batch=16, warmup_lr=3e-3, target=2.45, max_steps=120,
+            max_gn_steps=16, eval_every=1, val_batch=64, val_batches=4, max_bytes=None,
+            optimizers=None, lr=[])
+SMOKE = dict(FULL, seq=16, batch=4, inner_batch=2, warmup_steps=2, warmup_batch=2, max_steps=2,
+             max_gn_steps=2, val_batch=2, val_batches=1, max_bytes=300_000,
+             optimizers=["adamw", "gn_layerwise"], lr=["adamw=1e-2", "muon=0.02", "soap=3e-3"])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=sorted(models.PRESETS), help="LLaMA preset (tiny)")
+    parser.add_argument("--vocab-size", type=int, help="override the preset's vocabulary")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (float32)")
+    parser.add_argument("--seq", type=int, help="tokens per sequence (64)")
+    parser.add_argument("--batch", type=int, help="the large batch, in sequences (128)")
+    parser.add_argument("--inner-batch", type=int, help="GN inner micro-batch in sequences (8)")
+    parser.add_argument("--warmup-steps", type=int, help="AdamW warm-up steps (150)")
+    parser.add_argument("--warmup-batch", type=int, help="warm-up batch in sequences (16)")
+    parser.add_argument("--warmup-lr", type=float, help="warm-up peak learning rate (3e-3)")
+    parser.add_argument("--target", type=float, help="target validation loss (2.45)")
+    parser.add_argument("--max-steps", type=int, help="step cap of first-order runs (120)")
+    parser.add_argument("--max-gn-steps", type=int, help="step cap of second-order runs (16)")
+    parser.add_argument("--eval-every", type=int, help="validate every this many steps (1)")
+    parser.add_argument("--val-batch", type=int, help="validation batch in sequences (64)")
+    parser.add_argument("--val-batches", type=int, help="validation batches (4)")
+    parser.add_argument("--max-bytes", type=int, help="cap on corpus bytes read (all)")
+    parser.add_argument("--optimizers", nargs="+", help="subset to run (all)")
+    parser.add_argument("--lr", action="append", metavar="NAME=LR[,LR...]",
+                        help="replace an optimizer's learning-rate grid (repeatable)")
+    parser.add_argument("--name", default="steps_to_target", help="result file name")
+
+
+def parse_grids(items: list[str], table: dict[str, runs.Optimizer]) -> dict[str, tuple[float, ...]]:
+    """``["adamw=1e-3,3e-3"]`` -> ``{"adamw": (1e-3, 3e-3)}``; unknown names are errors."""
+    grids = {}
+    for item in items:
+        name, _, values = item.partition("=")
+        if name not in table or not values:
+            raise ValueError(f"--lr {item!r}: expected NAME=LR[,LR...] with NAME in {sorted(table)}")
+        grids[name] = tuple(float(v) for v in values.split(","))
+    return grids
+
+
+def selected(o, table: dict[str, runs.Optimizer]) -> list[runs.Optimizer]:
+    names = o.optimizers or list(table)
+    unknown = sorted(set(names) - set(table))
+    if unknown:
+        raise ValueError(f"--optimizers: unknown {unknown}; known: {sorted(table)}")
+    return [table[n] for n in names]
+
+
+def setup(o) -> tuple[Any, runs.Data, Any, dict]:
+    """Model config, corpus, evaluator and warmed-up parameters."""
+    overrides = {"vocab_size": o.vocab_size} if o.vocab_size else {}
+    config = common.model_config(o.model, dtype=o.dtype, seq_len=o.seq, **overrides)
+    corpus = runs.Data.stdlib(o.seq, val_batch=o.val_batch, val_batches=o.val_batches,
+                              max_bytes=o.max_bytes)
+    evaluate = runs.make_evaluator(corpus.val_batches)
+    params = models.LLaMA(config, key=jax.random.PRNGKey(0))
+    print(f"{models.describe(params)}", flush=True)
+    params, warm = runs.warm_up(params, corpus, evaluate, steps=o.warmup_steps,
+                                batch_size=o.warmup_batch, lr=o.warmup_lr)
+    print(f"warm-up: {o.warmup_steps} AdamW steps at batch {o.warmup_batch}: validation loss "
+          f"{warm['curve'][0]['val_loss']:.4f} -> {warm['final_val_loss']:.4f}", flush=True)
+    return params, corpus, evaluate, {"model": models.describe(params),
+                                      "warmup": {k: v for k, v in warm.items() if k != "optimizer"}}
+
+
+def run(o, argv: list[str] | None) -> dict[str, Any]:
+    """Runs the suite with resolved options ``o``; returns the result record."""
+    table = runs.optimizers(o.inner_batch)
+    grids = parse_grids(o.lr, table)
+    chosen = selected(o, table)
+    if o.batch % o.inner_batch:
+        raise ValueError(f"--batch {o.batch} must be a multiple of --inner-batch {o.inner_batch}")
+    params, corpus, evaluate, meta = setup(o)
+    results = []
+    for opt in chosen:
+        cap = o.max_gn_steps if opt.second_order else o.max_steps
+        results.append(runs.sweep(opt, grids.get(opt.name, opt.learning_rates), params, corpus,
+                                  evaluate, batch_size=o.batch, max_steps=cap, target=o.target,
+                                  eval_every=o.eval_every))
+    summary = summarise(results)
+    record = {"suite": "steps-to-target", "options": vars_of(o), "target_metric": "val_loss",
+              **meta, "summary": summary, "results": results}
+    path = common.write_result(o.out, o.name, record, argv)
+    plots.loss_curves(results, o.target, path.replace(".json", ".png"),
+                      title=f"batch {o.batch} x {o.seq} tokens, best learning rate of each")
+    print(steps_table(summary, o.target))
+    print(f"wrote {path}")
+    return record
+
+
+def vars_of(o) -> dict[str, Any]:
+    return {k: v for k, v in vars(o).items() if k not in ("func", "out")}
+
+
+def summarise(results: list[dict]) -> dict[str, Any]:
+    """Best run of each optimizer and step ratios against full GN."""
+    rows = {r["optimizer"]: {k: r[k] for k in ("best_lr", "grid", "steps_to_target",
+                                                "tokens_to_target", "wall_s_to_target")}
+            for r in results}
+    for r in results:
+        best = next(run for run in r["runs"] if run["lr"] == r["best_lr"])
+        rows[r["optimizer"]].update(final_val_loss=best["final_val_loss"], steps_run=best["steps"],
+                                    seconds_per_step=best["curve"][-1]["wall_s"] / max(1, best["steps"]))
+    gn = rows.get("gn_full", {}).get("steps_to_target")
+    for row in rows.values():
+        row["steps_vs_gn_full"] = (row["steps_to_target"] / gn
+                                   if gn and row["steps_to_target"] else None)
+    return rows
+
+
+def steps_table(summary: dict, target: float) -> str:
+    lines = [f"target validation loss {target}",
+             f"{'optimizer':<16}{'best lr':>9}{'steps':>7}{'tokens':>10}{'wall s':>8}"
+             f"{'s/step':>8}{'final val':>10}{'vs GN':>7}"]
+    for name, r in summary.items():
+        reached = r["steps_to_target"] is not None
+        steps = r["steps_to_target"] if reached else f">{r['steps_run']}"
+        ratio = "-" if r["steps_vs_gn_full"] is None else f"{r['steps_vs_gn_full']:.1f}x"
+        lines.append(f"{name:<16}{r['best_lr']:>9g}{steps:>7}"
+                     f"{(r['tokens_to_target'] or 0):>10}{(r['wall_s_to_target'] or 0):>8.1f}"
+                     f"{r['seconds_per_step']:>8.2f}{r['final_val_loss']:>10.4f}{ratio:>7}")
+    return "\n".join(lines)

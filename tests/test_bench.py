@@ -1,0 +1,92 @@
+"""The benchmark suites in smoke mode (CI size, CPU) and their result files."""
+
+import json
+
+import jax
+import pytest
+
+from gnopt import models
+from gnopt.bench import common, main
+
+
+def _run(tmp_path, *args):
+    assert main([*args, "--smoke", "--out", str(tmp_path)]) == 0
+    return tmp_path
+
+
+def _load(path):
+    record = json.loads(path.read_text())
+    assert {"platform", "cpu_count", "devices", "date"} <= set(record["machine"])
+    assert record["command"].startswith("python -m gnopt.bench ")
+    assert path.with_suffix(".png").stat().st_size > 1000
+    return record
+
+
+def test_cost_smoke(tmp_path):
+    record = _load(_run(tmp_path, "cost") / "cost.json")
+    rows = {r["name"]: r for r in record["rows"]}
+    assert {"gradient", "ggn_product", "ggn_cached_marginal", "adamw_step", "inner_step",
+            "adamw_step_B", "gn_outer"} <= set(rows)
+    assert all(r["seconds"] > 0 and r["peak_bytes"] > 0 for n, r in rows.items()
+               if n != "ggn_cached_marginal")
+    ratios = record["ratios"]
+    assert ratios["ggn_product"]["flop_floor"] == pytest.approx(10 / 6)
+    assert ratios["ggn_cached"]["flop_floor"] == pytest.approx(8 / 6)
+    assert ratios["gn_outer"]["flop_floor"] == pytest.approx(4.0)  # line search on B
+    # XLA's own FLOP count: one shared primal pass per GGN product (two would give 2.0),
+    # none per cached product.
+    assert 1.5 < ratios["ggn_product"]["xla_flop_ratio"] < 1.8
+    assert 1.2 < ratios["ggn_cached"]["xla_flop_ratio"] < 1.45
+    assert all(r["mfu"] is None for r in record["rows"])  # CPU: no known peak
+
+
+def test_steps_to_target_smoke(tmp_path):
+    record = _load(_run(tmp_path, "steps-to-target", "--target", "9.0")
+                   / "steps_to_target.json")
+    assert record["target_metric"] == "val_loss"
+    assert record["warmup"]["steps"] == 2
+    summary = record["summary"]
+    assert set(summary) == {"adamw", "gn_layerwise"}
+    # Every run starts from the warm-up's parameters: same validation loss at step 0.
+    start = record["warmup"]["final_val_loss"]
+    for result in record["results"]:
+        for run in result["runs"]:
+            assert run["curve"][0]["val_loss"] == pytest.approx(start, rel=1e-5)
+    # The target (above the start) is reached at the first step; GN counts its
+    # line-search batch in the tokens.
+    assert summary["adamw"]["steps_to_target"] == 1
+    assert summary["gn_layerwise"]["steps_to_target"] == 1
+    assert summary["gn_layerwise"]["tokens_to_target"] == 2 * summary["adamw"]["tokens_to_target"]
+    assert summary["gn_layerwise"]["steps_vs_gn_full"] is None  # no gn_full in this run
+
+
+def test_batch_scaling_smoke(tmp_path):
+    record = _load(_run(tmp_path, "batch-scaling", "--optimizers", "adamw", "--max-steps", "3")
+                   / "batch_scaling.json")
+    assert set(record["steps_to_target"]["adamw"]) == {"4", "8"}
+    noise = record["noise_scale"]
+    assert noise["big_batch"] == 8 and noise["small_batch"] == 1
+    assert len(noise["steps"]) == len(noise["b_simple"]) >= 1  # finite values only
+
+
+def test_gpu_smoke_steps_part(tmp_path):
+    record = _load(_run(tmp_path, "gpu", "--part", "steps") / "steps_tiny.json")
+    assert set(record["summary"]) == {"adamw"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["cost", "--batch", "5"], "--batch 5 must be a multiple of --inner-batch 2"),
+    (["steps-to-target", "--optimizers", "nope"], "--optimizers: unknown ['nope']"),
+    (["steps-to-target", "--lr", "adamw"], "--lr 'adamw': expected NAME=LR"),
+])
+def test_bad_options_exit_2_with_one_line(tmp_path, capsys, args, message):
+    assert main([*args, "--smoke", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_flops_per_token_convention():
+    config = models.llama_config("tiny", seq_len=32)
+    params = jax.eval_shape(lambda: models.LLaMA(config, key=jax.random.PRNGKey(0)))
+    n = models.count_params(params) - 256 * 64
+    assert common.flops_per_token(config, params) == 6 * n + 12 * 2 * 64 * 32
