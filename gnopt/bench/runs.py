@@ -26,6 +26,7 @@ from gnopt import curvature, data, line_search, solvers
 from gnopt.bench import common
 from gnopt.diagnostics import noise_scale
 from gnopt.train import apply_model, make_train_step
+from gnopt.transforms.kfac import tapped_call
 
 try:
     from gnopt.transforms.pi_muon import pi_muon
@@ -69,6 +70,9 @@ def optimizers(inner_batch: int, warmup_steps: int = 5) -> dict[str, Optimizer]:
         Optimizer("muon", lambda lr: gnopt.transforms.muon(ramp(lr), adam_learning_rate=ramp(3e-3)),
                   (0.04, 0.08, 0.16)),
         Optimizer("soap", lambda lr: gnopt.transforms.soap(ramp(lr)), (6e-3, 1.2e-2, 2.4e-2)),
+        Optimizer("shampoo", lambda lr: gnopt.transforms.shampoo(ramp(lr)), (3e-3, 6e-3, 1.2e-2)),
+        Optimizer("kfac", lambda lr: gnopt.transforms.kfac(tapped_call, common.LOSS, ramp(lr)),
+                  (1e-3, 3e-3, 1e-2)),
         Optimizer("gn_full", _gn(solvers.inner_optimizer, curvature.full(), 5, inner_batch),
                   gn_grid, True),
         Optimizer("gn_layerwise", _gn(solvers.inner_optimizer, curvature.layerwise(), 10,
