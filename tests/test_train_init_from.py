@@ -78,7 +78,7 @@ def test_optimizer_state_is_fresh_and_every_optimizer_starts_from_the_same_loss(
     ("{source}/checkpoints/7", [], "no checkpoint of step 7 in {source}/checkpoints"),
     ("{source}", ["gnopt.models.llama_config.d_model = 16"], "does not fit: ['params']"),
 ])
-def test_bad_init_from_is_a_config_error(tmp_path, shards, warmup, capsys, init_from, params,
+def test_bad_init_from_is_refused_before_compute(tmp_path, shards, warmup, capsys, init_from, params,
                                          message):
     paths = {"tmp": tmp_path, "source": warmup[0]}
     args = tiny_cli.argv("tiny_adamw.gin", tmp_path / "run", shards, "NUM_STEPS = 3",
