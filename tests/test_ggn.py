@@ -114,6 +114,38 @@ def test_generic_loss_uses_autodiff_hessian(x64):
     np.testing.assert_allclose(ravel_pytree(gv)[0], g_dense @ v, rtol=1e-9)
 
 
+@given(seed=st.integers(0, 2**31 - 1), loss_name=st.sampled_from(["ce", "mse"]))
+def test_trust_ratio_and_curvature_ratio_match_exact_maths(x64, seed, loss_name):
+    """``ρ``, the model's decrease, ``ΔᵀGΔ`` and the parabola's curvature ratio
+    against jax.grad, the dense GGN and two loss evaluations."""
+    params, batch, loss_fn = mlp_problem(seed, loss_name)
+    g_dense, flat, unravel = dense_ggn(mlp_apply, loss_fn, params, batch)
+    step = 0.3 * jnp.asarray(np.random.default_rng(seed + 2).normal(size=flat.shape))
+    loss = lambda f: loss_fn(mlp_apply(unravel(f), batch[0]), batch[1])
+    slope = jax.grad(loss)(flat) @ step
+    actual = loss(flat) - loss(flat + step)
+    measured = gnopt.curvature.trust_ratio(mlp_apply, loss_fn, params, batch, unravel(step))
+    curvature = step @ g_dense @ step
+    predicted = -(slope + 0.5 * curvature)
+    np.testing.assert_allclose(measured.curvature, curvature, rtol=1e-9)
+    np.testing.assert_allclose(measured.predicted, predicted, rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(measured.actual, actual, rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(measured.rho, actual / predicted, rtol=1e-8)
+    parabola = 2 * (loss(flat + step) - loss(flat) - slope)  # c with L(1) = L(0) + slope + c/2
+    np.testing.assert_allclose(measured.curvature_ratio, parabola / curvature, rtol=1e-7)
+
+
+def test_curvature_ratio_is_one_where_the_model_is_the_loss(x64):
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(3, 2))), "b": jnp.zeros(2)}
+    batch = (jnp.asarray(rng.normal(size=(5, 3))), jnp.asarray(rng.normal(size=(5, 2))))
+    apply_fn = lambda p, x: x @ p["w"] + p["b"]
+    step = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+    measured = gnopt.curvature.trust_ratio(apply_fn, losses.mean_squared_error, params, batch, step)
+    assert float(measured.curvature_ratio) == pytest.approx(1.0, abs=1e-10)
+    assert float(measured.rho) == pytest.approx(1.0, abs=1e-10)
+
+
 def test_bad_batch_and_labels_are_clear_errors():
     params, (x, y), _ = mlp_problem(0, "ce")
     with pytest.raises(ValueError, match="pair"):

@@ -11,8 +11,10 @@ import gnopt
 from gnopt import losses
 from gnopt.control import PIController, fusion_weight_controller
 from gnopt.transforms.muon import muon
-from gnopt.transforms.pi_muon import pi_muon, split_along
-from tests.test_ggn import make_mlp, mlp_apply
+from jax.flatten_util import ravel_pytree
+
+from gnopt.transforms.pi_muon import _length_correction, pi_muon, split_along
+from tests.test_ggn import dense_ggn, make_mlp, mlp_apply
 
 
 def mlp_batch(seed=0, n=16):
@@ -33,7 +35,8 @@ def grads_of(params, batch):
 @pytest.mark.parametrize("parallel", ["interpolate", "muon"])
 def test_zero_lambda_is_exactly_muon(parallel):
     params, batch = mlp_batch()
-    pim = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, fusion=zero_lambda(), parallel=parallel)
+    pim = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, fusion=zero_lambda(), parallel=parallel,
+                  gradient="given")
     ref = muon(0.02)
     p1, p2, s1, s2 = params, params, pim.init(params), ref.init(params)
     for _ in range(3):
@@ -42,6 +45,114 @@ def test_zero_lambda_is_exactly_muon(parallel):
         jax.tree.map(np.testing.assert_array_equal, u1, u2)
         p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
     assert float(s1.diagnostics["lambda"]) == 0.0
+
+
+def test_zero_lambda_with_the_solvers_gradient_is_muon_up_to_rounding():
+    params, batch = mlp_batch()
+    solver = gnopt.solvers.inner_optimizer(gnopt.inner_muon(0.03), inner_batch_size=4)
+    pim = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, fusion=zero_lambda(), solver=solver)
+    ref = muon(0.02)
+    p1, p2, s1, s2 = params, params, pim.init(params), ref.init(params)
+    for _ in range(3):
+        # the given gradient is ignored: Muon's comes from the solver's micro-batches
+        u1, s1 = pim.update(jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), p1), s1, p1, batch=batch)
+        u2, s2 = ref.update(grads_of(p2, batch), s2, p2)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), u1, u2)
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+
+
+def fixed_lambda(value, reject_below=None):
+    return PIController(setpoint=0.75, kp=0.5, ki=0.1, output0=value, output_min=value,
+                        output_max=value, integral_limit=1.0, error_limit=1.0, reject_below=reject_below)
+
+
+@pytest.mark.parametrize("length", ["model", "solver"])
+def test_gn_step_length_is_the_model_minimiser_along_s(x64, length):
+    """λ ≡ 1: the step is ``α s`` with ``α = clip(−gᵀs/sᵀGs, 0, 1)`` on the trust batch
+    (``"model"``), or ``s`` itself (``"solver"``); ``s`` from the same solver call."""
+    params, batch = mlp_batch(n=16)
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    batch = (batch[0].astype(jnp.float64), batch[1])
+    trust = mlp_batch(seed=1, n=16)[1]
+    trust = (trust[0].astype(jnp.float64), trust[1])
+    solver = gnopt.solvers.cg(max_iters=30)
+    curv = gnopt.curvature.layerwise()
+    tx = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, solver=solver, curvature=curv,
+                 fusion=fixed_lambda(1.0), damping=1e-4, gn_step_length=length)
+    step, state = tx.update(grads_of(params, batch), tx.init(params), params, batch=batch,
+                            line_search_batch=trust)
+    s, _ = solver.solve(mlp_apply, losses.softmax_cross_entropy, curv, params, batch,
+                        jax.tree.map(jnp.zeros_like, params), 1e-4)
+    g_dense, flat, _ = dense_ggn(mlp_apply, losses.softmax_cross_entropy, params, trust)
+    grad = ravel_pytree(grads_of(params, trust))[0]
+    s_flat = ravel_pytree(s)[0]
+    alpha = float(np.clip(-(grad @ s_flat) / (s_flat @ g_dense @ s_flat), 0.0, 1.0))
+    expected = alpha if length == "model" else 1.0
+    assert bool(state.diagnostics["accepted"])
+    assert float(state.diagnostics["gn_scale"]) == pytest.approx(expected, rel=1e-8)
+    np.testing.assert_allclose(ravel_pytree(step)[0], expected * s_flat, rtol=1e-8, atol=1e-12)
+
+
+def test_length_correction_follows_the_measured_curvature():
+    params, batch = mlp_batch()
+    tx = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, damping=1e-2,
+                 correction_limits=(0.25, 4.0))
+    state = tx.init(params)
+    assert float(state.length_correction) == 1.0
+    for _ in range(3):
+        updates, state = tx.update(grads_of(params, batch), state, params, batch=batch)
+        params = optax.apply_updates(params, updates)
+        r = float(state.diagnostics["curvature_ratio"])
+        assert float(state.length_correction) == pytest.approx(float(np.clip(1 / r, 0.25, 4.0)), rel=1e-5)
+
+
+class _NaNSolver(gnopt.solvers.AbstractSolver):
+    def solve(self, apply_fn, loss_fn, curvature, params, batch, delta0, damping):
+        return jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params), {}
+
+
+def test_a_non_finite_gn_step_falls_back_to_muon_and_does_not_seed_the_next_solve():
+    params, batch = mlp_batch()
+    tx = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, solver=_NaNSolver(), gradient="given")
+    ref = muon(0.02)
+    step, state = tx.update(grads_of(params, batch), tx.init(params), params, batch=batch)
+    expected, _ = ref.update(grads_of(params, batch), ref.init(params), params)
+    jax.tree.map(np.testing.assert_array_equal, step, expected)
+    assert not bool(state.diagnostics["accepted"])
+    assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(state.gn_warm_start))
+    assert float(state.length_correction) == 0.5
+    assert bool(jnp.isfinite(state.fusion.output))
+
+
+def test_a_rejected_step_is_cut_back_to_the_parabola_minimiser(x64):
+    """ρ < 0 with an uphill-curving loss: the step taken is τΔ, τ from the parabola
+    through L(θ), gᵀΔ and L(θ+Δ), checked against jax.grad and two loss values."""
+    params, batch = mlp_batch(n=16)
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    batch = (batch[0].astype(jnp.float64), batch[1])
+    loss = lambda p: losses.softmax_cross_entropy(mlp_apply(p, batch[0]), batch[1])
+    # λ ≡ 1 and a huge solver step (length from the solver): the loss rises
+    solver = gnopt.solvers.cg(max_iters=30)
+    overshoot = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, fusion=fixed_lambda(1.0, 0.0),
+                        damping=1e-8, gn_step_length="solver", solver=solver)
+    step, state = overshoot.update(grads_of(params, batch), overshoot.init(params), params, batch=batch)
+    accept_all = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, fusion=fixed_lambda(1.0),
+                         damping=1e-8, gn_step_length="solver", solver=solver)
+    full, _ = accept_all.update(grads_of(params, batch), accept_all.init(params), params, batch=batch)
+    flat, unravel = ravel_pytree(params)
+    d = ravel_pytree(full)[0]
+    assert float(loss(unravel(flat + d))) > float(loss(params))  # the full step is uphill
+    slope = ravel_pytree(grads_of(params, batch))[0] @ d
+    c = 2 * (float(loss(unravel(flat + d))) - float(loss(params)) - slope)
+    tau = -slope / c
+    assert 0 < tau <= 0.5
+    assert not bool(state.diagnostics["accepted"])
+    np.testing.assert_allclose(ravel_pytree(step)[0], tau * d, rtol=1e-7, atol=1e-12)
+
+
+def test_length_correction_limits_and_bad_measurements():
+    kappa = _length_correction(jnp.asarray([0.1, 0.8, 1.0, 5.0, -1.0, 0.0, jnp.nan, jnp.inf]), 0.5, 2.0)
+    np.testing.assert_allclose(kappa, [2.0, 1.25, 1.0, 0.5, 2.0, 2.0, 0.5, 0.5])
 
 
 @given(seed=st.integers(0, 2**31 - 1), zero_u=st.booleans())
@@ -115,6 +226,7 @@ def test_converges_like_layerwise_gn_on_a_quadratic():
     pi_steps, state = steps_to_tolerance(optimistic, params, batch, exact)
     assert pi_steps <= gn_steps
     assert float(state.diagnostics["rho"]) == pytest.approx(1.0, abs=1e-3)
+    assert float(state.length_correction) == pytest.approx(1.0, abs=1e-3)  # loss = model: r = 1
     # From the default λ0 = 0.5 the controller ramps λ up; the ramp bounds the extra steps.
     default_steps, state = steps_to_tolerance(
         pi_muon(apply_fn, losses.mean_squared_error, 0.02, solver=solver, damping=1e-3),
@@ -131,6 +243,14 @@ def test_errors():
     params, batch = mlp_batch(n=8)
     with pytest.raises(ValueError, match="parallel"):
         pi_muon(mlp_apply, losses.softmax_cross_entropy, parallel="sideways")
+    with pytest.raises(ValueError, match="gn_step_length"):
+        pi_muon(mlp_apply, losses.softmax_cross_entropy, gn_step_length="line_search")
+    with pytest.raises(ValueError, match="rejected"):
+        pi_muon(mlp_apply, losses.softmax_cross_entropy, rejected="skip")
+    with pytest.raises(ValueError, match="gradient"):
+        pi_muon(mlp_apply, losses.softmax_cross_entropy, gradient="numerical")
+    with pytest.raises(ValueError, match="correction_limits"):
+        pi_muon(mlp_apply, losses.softmax_cross_entropy, correction_limits=(2.0, 4.0))
     with pytest.raises(ValueError, match="batch="):
         tx = pi_muon(mlp_apply, losses.softmax_cross_entropy)
         tx.update(params, tx.init(params), params)

@@ -138,3 +138,28 @@ def test_rejected_step_resets_the_warm_start():
     assert float(state.diagnostics["step_size"]) == 0.0
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(updates))
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(state.warm_start))
+
+
+class _NoGradientSolver(gnopt.solvers.AbstractSolver):
+    """A solver without its own gradient: exercises the default ``solve_with_gradient``."""
+
+    def solve(self, apply_fn, loss_fn, curvature, params, batch, delta0, damping):
+        return delta0, {}
+
+
+@pytest.mark.parametrize("solver", [
+    gnopt.solvers.cg(max_iters=3),
+    gnopt.solvers.inner_optimizer(gnopt.inner_muon(0.01), inner_batch_size=2),
+    gnopt.solvers.prox_linear(gnopt.inner_adamw(0.01), inner_batch_size=3),
+    _NoGradientSolver(),
+], ids=["cg", "inner", "prox_linear", "default"])
+@pytest.mark.parametrize("curvature", [full(), layerwise()], ids=["full", "layerwise"])
+def test_solve_with_gradient_returns_the_batch_gradient(x64, solver, curvature):
+    params, batch, loss_fn = mlp_problem(3, "ce")
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    delta, stats, grad = solver.solve_with_gradient(mlp_apply, loss_fn, curvature, params, batch, zeros, 0.0)
+    expected = jax.grad(lambda p: loss_fn(mlp_apply(p, batch[0]), batch[1]))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13), grad, expected)
+    plain, plain_stats = solver.solve(mlp_apply, loss_fn, curvature, params, batch, zeros, 0.0)
+    jax.tree.map(np.testing.assert_array_equal, delta, plain)
+    assert set(stats) == set(plain_stats)

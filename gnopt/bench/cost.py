@@ -18,6 +18,10 @@ jitted, compiled ahead of time and warmed up, median of ``--repeats`` calls
   trainer step, per token of the step's batch. Floor
   ``(10 + 2 + 2·6·B_ls/B)/6`` (inner steps, the trainer's loss, loss at 0 and 5
   candidates): 4.0 with ``B_ls = B`` as in the paper.
+* ``pi_muon_outer / gn_layerwise_outer``: a PI-Muon trainer step (same inner
+  solver, layerwise, its trust ratio on the fresh batch) vs a layerwise GN step
+  with the 10-point line search, per token (no FLOP floor: the layerwise
+  products' cost depends on the block structure).
 
 Peak memory is XLA's buffer assignment of each compiled function
 (``compiled.memory_analysis()``: arguments + outputs + temporaries − donated
@@ -75,7 +79,7 @@ class Piece:
     args: tuple
     tokens: int  # tokens it processes per call
     per_call: int = 1  # divide its time by this (inner steps of one solve)
-    flop_factor: float = 1.0  # model FLOPs per token, in units of 6N + 12·L·d·T
+    flop_factor: float | None = 1.0  # model FLOPs per token, in units of 6N + 12·L·d·T (None: no floor)
     carry: bool = False  # a donating trainer step: feed (params, state) back
     loops: bool = False  # has loops: XLA's FLOP count covers one trip of each body only
 
@@ -92,11 +96,16 @@ def _batches(config, batch: int, seq: int, count: int, seed: int = 0):
             for k in keys]
 
 
-def _gauss_newton(inner_batch: int, ls_points: int = 5):
+def _gauss_newton(inner_batch: int, ls_points: int = 5, curv=None):
     return gnopt.gauss_newton(
         apply_model, common.LOSS,
         solver=solvers.inner_optimizer(gnopt.inner_muon(1e-2), inner_batch),
-        curvature=curvature.full(), line_search=line_search.grid(ls_points))
+        curvature=curv or curvature.full(), line_search=line_search.grid(ls_points))
+
+
+def _pi_muon(inner_batch: int):
+    return gnopt.pi_muon(apply_model, common.LOSS, 0.02, damping=0.0,
+                         solver=solvers.inner_optimizer(gnopt.inner_muon(1e-2), inner_batch))
 
 
 def _trainer_step(tx, params, batch, ls_batch, tokens, flop_factor, name, second_order):
@@ -157,6 +166,10 @@ def pieces(config, params, o) -> list[Piece]:
                       "adamw_step_B", False),
         _trainer_step(_gauss_newton(b), params, outer, ls_batch, big * seq, ls_floor,
                       "gn_outer", True),
+        _trainer_step(_gauss_newton(b, 10, curvature.layerwise()), params, outer, ls_batch,
+                      big * seq, None, "gn_layerwise_outer", True),
+        _trainer_step(_pi_muon(b), params, outer, ls_batch, big * seq, None, "pi_muon_outer",
+                      True),
     ]
     return out
 
@@ -208,6 +221,7 @@ COMPARISONS = (
     ("ggn_cached", "ggn_cached_marginal", "gradient"),
     ("inner_step", "inner_step", "adamw_step"),
     ("gn_outer", "gn_outer", "adamw_step_B"),
+    ("pi_muon_outer", "pi_muon_outer", "gn_layerwise_outer"),
 )
 
 
@@ -225,16 +239,18 @@ def summarise(rows: list[dict], o, config, params, peak: float | None) -> dict[s
     by_name["ggn_cached_marginal"] = marginal
     per_token = common.flops_per_token(config, params)
     for r in rows:
-        model_flops = r["flop_factor"] * per_token * r["tokens"]
+        known = r["flop_factor"] is not None
+        model_flops = r["flop_factor"] * per_token * r["tokens"] if known else None
         r["model_flops"] = model_flops
-        r["mfu"] = model_flops / r["seconds"] / peak if peak else None
+        r["mfu"] = model_flops / r["seconds"] / peak if peak and known else None
     ratios = {}
     for key, num, den in COMPARISONS:
         a, b = by_name[num], by_name[den]
         ratios[key] = {
             "numerator": num, "denominator": den,
             "ratio": a["seconds_per_token"] / b["seconds_per_token"],
-            "flop_floor": a["flop_factor"] / b["flop_factor"],
+            "flop_floor": (None if None in (a["flop_factor"], b["flop_factor"])
+                           else a["flop_factor"] / b["flop_factor"]),
             "xla_flop_ratio": (None if a["xla_flops"] is None else
                                (a["xla_flops"] / a["tokens"]) / (b["xla_flops"] / b["tokens"])),
             "memory_ratio": a["peak_bytes"] / b["peak_bytes"],
@@ -279,7 +295,7 @@ def table(summary: dict) -> str:
                      f"{_fmt(r['mfu'], '>7.1f', 100)}")
     lines.append(f"{'ratio':<14}{'measured':>9}{'floor':>7}{'XLA FLOPs':>10}{'memory':>8}{'goal':>6}")
     for key, r in summary["ratios"].items():
-        lines.append(f"{key:<14}{r['ratio']:>9.2f}{r['flop_floor']:>7.2f}"
+        lines.append(f"{key:<14}{r['ratio']:>9.2f}{_fmt(r['flop_floor'], '>7.2f')}"
                      f"{_fmt(r['xla_flop_ratio'], '>10.2f')}{r['memory_ratio']:>8.2f}"
                      f"{_fmt(r['goal'], '>6.1f')}")
     return "\n".join(lines)

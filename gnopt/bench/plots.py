@@ -21,7 +21,7 @@ def cost_chart(summary: dict, path: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     xs = range(len(names))
     left.bar([x - 0.2 for x in xs], [ratios[n]["ratio"] for n in names], 0.4, label="measured time")
-    left.bar([x + 0.2 for x in xs], [ratios[n]["flop_floor"] for n in names], 0.4,
+    left.bar([x + 0.2 for x in xs], [ratios[n]["flop_floor"] or 0.0 for n in names], 0.4,
              label="FLOP floor")
     for x, n in zip(xs, names):
         if ratios[n]["goal"]:

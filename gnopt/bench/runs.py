@@ -28,10 +28,7 @@ from gnopt.diagnostics import noise_scale
 from gnopt.train import apply_model, make_train_step
 from gnopt.transforms.kfac import tapped_call
 
-try:
-    from gnopt.transforms.pi_muon import pi_muon
-except ImportError:  # not landed yet
-    pi_muon = None
+from gnopt.transforms.pi_muon import pi_muon
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +58,9 @@ def optimizers(inner_batch: int, warmup_steps: int = 5) -> dict[str, Optimizer]:
     Muon's AdamW part (embedding, head, vectors) uses a fixed ``3e-3``.
     GN: inner Muon/Adam with the inner cosine schedule, ``inner_batch``
     sequences per inner step, line search ``{2^(−i/2)}`` with 5 points
-    (10 for layerwise, as in the paper).
+    (10 for layerwise, as in the paper). PI-Muon: Muon's part as Muon's best
+    (``η = 0.08``), its layerwise GN step from the same inner solver as GN
+    (``lr`` is the inner learning rate), no damping.
     """
     ramp = lambda lr: gnopt.transforms.constant(lr, warmup_steps)
     gn_grid = (1e-2, 3e-2, 1e-1)
@@ -79,10 +78,11 @@ def optimizers(inner_batch: int, warmup_steps: int = 5) -> dict[str, Optimizer]:
                                       inner_batch), gn_grid, True),
         Optimizer("gn_prox_linear", _gn(solvers.prox_linear, curvature.full(), 5, inner_batch),
                   gn_grid, True),
+        Optimizer("pi_muon", lambda lr: pi_muon(
+            apply_model, common.LOSS, ramp(0.08), adam_learning_rate=ramp(3e-3),
+            solver=solvers.inner_optimizer(gnopt.inner_muon(lr), inner_batch), damping=0.0),
+            gn_grid, True),
     ]
-    if pi_muon is not None:
-        table.append(Optimizer("pi_muon", lambda lr: pi_muon(apply_model, common.LOSS, lr),
-                               (0.02,), True))
     return {opt.name: opt for opt in table}
 
 

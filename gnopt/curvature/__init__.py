@@ -6,6 +6,7 @@ from gnopt.curvature.ggn import (
     FullCurvature,
     LayerwiseCurvature,
     LinearisedModel,
+    TrustRatio,
     full,
     ggn_mvp,
     layerwise,
@@ -13,6 +14,6 @@ from gnopt.curvature.ggn import (
 )
 
 __all__ = [
-    "AbstractCurvature", "FullCurvature", "LayerwiseCurvature", "LinearisedModel",
+    "AbstractCurvature", "FullCurvature", "LayerwiseCurvature", "LinearisedModel", "TrustRatio",
     "default_block_labels", "full", "ggn_mvp", "layerwise", "leaf_block_ids", "trust_ratio",
 ]

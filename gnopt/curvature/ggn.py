@@ -13,7 +13,7 @@ For a model ``z = f(θ, x)`` and a loss ``ℓ(z, y)``, at the anchor ``θ0``:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import equinox as eqx
 import jax
@@ -120,6 +120,15 @@ class LinearisedModel:
         shifted = [self.outputs + u for u in tangents]
         return jnp.stack([self.loss(z) - loss0 for z in shifted]), [self.output_grad(z) for z in shifted]
 
+    def along(self, d):
+        """``(gᵀd, dᵀGd)`` for the whole GGN (blocks ignored), one tangent pass.
+
+        The model along ``d`` is ``q(αd) = α gᵀd + ½ α² dᵀGd``, minimised at
+        ``α* = −gᵀd / dᵀGd`` (Martens & Grosse 2015, §6.4).
+        """
+        u = self.jvp(d)
+        return jnp.vdot(self.output_grad(), u), jnp.vdot(u, self.output_hvp(u))
+
     def quadratic(self, delta, damping=0.0):
         """Per-block GN model decrease ``q_k(Δ) = g_kᵀΔ_k + ½ Δ_kᵀ(G_kk + δI)Δ_k``.
 
@@ -191,12 +200,41 @@ def layerwise(blocks: Callable[[Any], Any] | None = None) -> LayerwiseCurvature:
     return LayerwiseCurvature(blocks or _blocks.default_block_labels)
 
 
-def trust_ratio(apply_fn: Callable, loss_fn: LossFn, params, batch, step):
+class TrustRatio(NamedTuple):
+    """What :func:`trust_ratio` measured along a step ``Δ`` (all scalars)."""
+
+    rho: jax.Array  # ρ = actual / predicted (with the float-resolution guard)
+    actual: jax.Array  # L(θ) − L(θ + Δ)
+    predicted: jax.Array  # q(0) − q(Δ) = −(gᵀΔ + ½ ΔᵀGΔ)
+    curvature: jax.Array  # ΔᵀGΔ
+
+    @property
+    def slope(self):
+        """``gᵀΔ``, the loss's directional derivative (exact: ``∇_zℓᵀ JΔ``)."""
+        return -(self.predicted + 0.5 * self.curvature)
+
+    @property
+    def loss_curvature(self):
+        """``c``: the curvature of the parabola ``L(θ) + t gᵀΔ + ½ t² c`` through
+        ``L(θ + Δ)`` at ``t = 1``, i.e. ``ΔᵀGΔ + 2(predicted − actual)``."""
+        return self.curvature + 2 * (self.predicted - self.actual)
+
+    @property
+    def curvature_ratio(self):
+        """``r = c / ΔᵀGΔ``: the loss's curvature along ``Δ`` over the model's.
+        ``r < 1``: the loss curves less than the GGN predicts along ``Δ`` (its
+        1-D minimiser lies ``1/r`` times further out than the model's)."""
+        return self.loss_curvature / self.curvature
+
+
+def trust_ratio(apply_fn: Callable, loss_fn: LossFn, params, batch, step, *,
+                model: LinearisedModel | None = None) -> TrustRatio:
     """``ρ = (L(θ) − L(θ + Δ)) / (q(0) − q(Δ))`` on one batch (Moré 1983; Martens 2010 §4.1).
 
-    ``q(0) − q(Δ) = −(∇_zℓᵀ JΔ + ½ (JΔ)ᵀ H_z JΔ)`` is the full-GGN model's
-    predicted decrease. Cost: one forward-with-tangent (``jax.jvp``) and one
-    extra forward at ``θ + Δ``; no transpose.
+    ``q(0) − q(Δ) = −(gᵀΔ + ½ ΔᵀGΔ)`` is the full-GGN model's predicted
+    decrease. Cost: one tangent pass (``model``: the linearisation at
+    ``params`` on ``batch``, built here if not given; building it is one
+    forward) and one extra forward at ``θ + Δ``; no transpose.
 
     ``ρ`` measures the model's accuracy, so a step the model predicts to
     *raise* the loss (possible for steps that are not the model's minimiser,
@@ -205,20 +243,17 @@ def trust_ratio(apply_fn: Callable, loss_fn: LossFn, params, batch, step):
     the loss (``res = 32·eps·|L(θ)|``): a prediction with ``|q(0) − q(Δ)| ≤ res``
     gives ``ρ = 1`` when the loss did not rise by more than ``res`` (model and
     loss agree to working precision) and ``ρ = −inf`` when it did.
-
-    Returns:
-      ``(ρ, actual decrease, predicted decrease)``.
     """
     inputs, targets = _check_batch(batch)
+    model = LinearisedModel(apply_fn, loss_fn, params, batch) if model is None else model
     step = jax.tree.map(lambda s, p: s.astype(p.dtype), step, params)
-    z0, u = jax.jvp(lambda p: apply_fn(p, inputs), (params,), (step,))
-    gz = loss_grad(loss_fn, z0, targets)
-    predicted = -(jnp.vdot(gz, u) + 0.5 * jnp.vdot(u, loss_hvp(loss_fn, z0, targets, u)))
+    slope, curv = model.along(step)
+    predicted = -(slope + 0.5 * curv)
     moved = jax.tree.map(jnp.add, params, step)
-    loss0 = loss_fn(z0, targets)
+    loss0 = model.loss()
     actual = loss0 - loss_fn(apply_fn(moved, inputs), targets)
     res = 32 * jnp.finfo(jnp.result_type(loss0)).eps * jnp.abs(loss0)
     resolved = jnp.abs(predicted) > res
     rho = jnp.where(resolved, actual / jnp.where(resolved, predicted, 1.0),
                     jnp.where(actual >= -res, 1.0, -jnp.inf))
-    return rho, actual, predicted
+    return TrustRatio(rho, actual, predicted, curv)

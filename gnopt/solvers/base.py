@@ -9,7 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from gnopt.curvature import AbstractCurvature
+from gnopt.curvature import AbstractCurvature, LinearisedModel
 
 
 class AbstractSolver(eqx.Module):
@@ -35,6 +35,17 @@ class AbstractSolver(eqx.Module):
 
         ``stats`` maps names to arrays of fixed shape (scalars are logged).
         """
+
+    def solve_with_gradient(self, apply_fn, loss_fn, curvature: AbstractCurvature, params,
+                            batch, delta0, damping) -> tuple[Any, dict, Any]:
+        """``(Δ, stats, g)``: :meth:`solve` plus the loss gradient ``g = Jᵀ∇_zℓ`` at
+        ``params`` on ``batch``.
+
+        This default linearises the whole batch once more; solvers that compute
+        ``g`` anyway override it to share the work.
+        """
+        delta, stats = self.solve(apply_fn, loss_fn, curvature, params, batch, delta0, damping)
+        return delta, stats, LinearisedModel(apply_fn, loss_fn, params, batch).gradient()
 
 
 def working_precision(tree):

@@ -42,6 +42,10 @@ class ConjugateGradient(AbstractSolver):
     residual_tol: float = eqx.field(static=True, default=1e-7)
 
     def solve(self, apply_fn, loss_fn, curvature, params, batch, delta0, damping):
+        return self.solve_with_gradient(apply_fn, loss_fn, curvature, params, batch, delta0,
+                                        damping)[:2]
+
+    def solve_with_gradient(self, apply_fn, loss_fn, curvature, params, batch, delta0, damping):
         lin = curvature.linearise(apply_fn, loss_fn, params, batch)
         ids, nb = lin.block_ids, lin.num_blocks
         g = working_precision(lin.gradient())
@@ -97,7 +101,7 @@ class ConjugateGradient(AbstractSolver):
             "cg_iterations": iters,
             "model_value": jnp.sum(hist[iters]),
             "model_history": jnp.sum(hist, axis=1),
-        }
+        }, g
 
 
 def cg(max_iters: int = 50, tol: float = 1e-4, min_window: int = 10,

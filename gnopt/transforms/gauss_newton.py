@@ -144,7 +144,7 @@ def gauss_newton(
                 "update_norm": otu.tree_norm(new_updates), **stats, **ls_stats}
         damping_state = state.damping
         if adaptive:
-            rho, _, _ = trust_ratio(apply_fn, loss_fn, params, batch, new_updates)
+            rho = trust_ratio(apply_fn, loss_fn, params, batch, new_updates).rho
             damping_state, _ = damping.update(state.damping, rho)
             diag |= {"damping": delta_now, "rho": rho}
         diag = {k: jnp.asarray(diag[k], jnp.float32) for k in state.diagnostics}

@@ -4,10 +4,23 @@ Our method (design: ``shared/design/algorithms.md`` §3). Per step at ``θ``:
 
 1. ``u``: Muon's update (orthogonalised Nesterov momentum on hidden matrices,
    AdamW on the rest, times the learning rate) — :func:`gnopt.transforms.muon`;
+   its gradient comes from the GN solver, which computes it anyway
+   (``gradient="solver"``; the trainer's backward pass is then dead code), or
+   is the one passed to ``update`` (``gradient="given"``);
 2. ``s``: layerwise GN step, ``(G_kk + δI) s_k ≈ −g_k`` (CG by default,
-   warm-started);
+   warm-started), scaled to the length ``α = κ · α*``:
+   ``α* = clip(−gᵀs / sᵀGs, 0, 1)`` minimises the full-GGN model along ``s`` on
+   the trust batch (Martens & Grosse 2015, §6.4) — the layerwise step ignores
+   the coupling of the blocks and overshoots, which the grid line search of
+   layerwise GN otherwise absorbs — and ``κ = clip(1/r, 1/2, 3/2)`` corrects for
+   the loss curving ``r`` times as much as the model along the last step
+   (``r`` from the parabola through ``L(θ)``, ``gᵀΔ`` and ``L(θ+Δ)``, all
+   measured anyway: :attr:`gnopt.curvature.TrustRatio.curvature_ratio`)
+   (``gn_step_length``: ``"corrected"``, ``"model"`` for ``κ ≡ 1``, or
+   ``"solver"`` for ``α ≡ 1``);
 3. per leaf ``l`` (one weight matrix or vector), the orthogonal split
-   ``s_l = c_l u_l + s⊥_l`` with ``c_l = ⟨s_l, u_l⟩ / ⟨u_l, u_l⟩``, ``⟨s⊥_l, u_l⟩ = 0``;
+   ``s_l = c_l u_l + s⊥_l`` with ``c_l = ⟨s_l, u_l⟩ / ⟨u_l, u_l⟩``, ``⟨s⊥_l, u_l⟩ = 0``
+   (``s`` scaled by ``α``);
 4. the fused update
 
    * ``parallel="muon"`` (§3 as written): ``Δ = u + λ s⊥``;
@@ -19,16 +32,22 @@ Our method (design: ``shared/design/algorithms.md`` §3). Per step at ``θ``:
    Muon's whatever ``λ`` is, so even where the GN model is exact (``ρ = 1``,
    ``λ → 1``) the step is not the GN step and PI-Muon cannot converge like GN on
    a quadratic (measured: tests/test_pi_muon.py). Both forms keep ``λ ≡ 0`` =
-   Muon exactly and use the same orthogonal split;
-5. the trust ratio ``ρ = (L(θ) − L(θ+Δ)) / (q(0) − q(Δ))`` on the step's batch
-   (one jvp, one extra forward; :func:`gnopt.curvature.trust_ratio`), on
-   ``line_search_batch`` when given — a fresh batch: ρ measured on the batch the
-   step was built from is optimistic (measured: an accepted ρ = 0.75 on the
-   step's own batch took the tiny LLaMA's validation loss from 3.6 to 10.2);
+   Muon (bit for bit with ``gradient="given"`` while steps are accepted) and
+   use the same orthogonal split;
+5. the trust ratio ``ρ = (L(θ) − L(θ+Δ)) / (q(0) − q(Δ))`` on the step's batch,
+   on ``line_search_batch`` when given — a fresh batch: ρ measured on the batch
+   the step was built from is optimistic (measured: an accepted ρ = 0.75 on the
+   step's own batch took the tiny LLaMA's validation loss from 3.6 to 10.2).
+   Steps 2 and 5 share one linearisation on that batch: one primal pass, two
+   tangent passes (``Js``, ``JΔ``) and one forward at ``θ + Δ`` — against the
+   ten forwards of layerwise GN's grid line search;
 6. ``λ`` for the next step from a :class:`gnopt.control.PIController` on ``ρ``
    (no line search); optionally the GN damping ``δ`` from a second controller
    (a smooth Levenberg–Marquardt rule). A step the controller rejects
-   (``ρ < reject_below``, or non-finite) falls back to Muon's ``u``.
+   (``ρ < reject_below``, or non-finite) is replaced by ``τΔ``, the minimiser
+   of the parabola through ``L(θ)``, ``gᵀΔ`` and ``L(θ + Δ)`` — all measured
+   already, so no extra forward (``rejected="parabola"``) — or by Muon's ``u``
+   (``rejected="muon"``, session 1's rule).
 """
 
 from __future__ import annotations
@@ -41,7 +60,7 @@ import optax
 import optax.tree_utils as otu
 
 from gnopt.control import PIController, PIState, damping_controller, fusion_weight_controller
-from gnopt.curvature import AbstractCurvature, layerwise, trust_ratio
+from gnopt.curvature import AbstractCurvature, LinearisedModel, TrustRatio, layerwise, trust_ratio
 from gnopt.solvers import AbstractSolver, cg, working_precision
 from gnopt.transforms.gauss_newton import require_batch
 from gnopt.transforms.muon import muon
@@ -54,6 +73,7 @@ class PIMuonState(NamedTuple):
     gn_warm_start: Any  # last GN solution s
     fusion: PIState  # λ controller; ``fusion.output`` is the next λ
     damping: PIState | None  # δ controller's state (None for a fixed δ)
+    length_correction: Any  # κ, the GN step-length correction for the next step
     diagnostics: dict  # λ, ρ, |s⊥|/|s|, solver stats of the last step
 
 
@@ -74,6 +94,31 @@ def split_along(s, u):
     return c, perp
 
 
+def _line_minimiser(slope, curvature):
+    """``(ok, τ)``: ``τ = clip(−slope / curvature, 0, 1)`` minimises
+    ``t ↦ t·slope + ½ t²·curvature``; ``ok``: a minimiser lies ahead (descent,
+    positive curvature, both finite), else ``τ = 0``."""
+    ok = (slope < 0) & (curvature > 0) & jnp.isfinite(slope) & jnp.isfinite(curvature)
+    return ok, jnp.where(ok, jnp.clip(-slope / jnp.where(ok, curvature, 1.0), 0.0, 1.0), 0.0)
+
+
+def _parabola_step(measured: TrustRatio, step, u):
+    """``τΔ``, ``τ`` the minimiser of the parabola through ``L(θ)`` (slope
+    ``gᵀΔ``) and ``L(θ + Δ)`` (Nocedal & Wright 2006, §3.5; ``τ ≤ 1/2`` when the
+    loss rose); Muon's ``u`` where that parabola has no minimiser ahead (or
+    ``Δ`` is non-finite)."""
+    ok, tau = _line_minimiser(measured.slope, measured.loss_curvature)
+    return jax.tree.map(lambda d, ul: jnp.where(ok, tau * d, ul), step, u)
+
+
+def _length_correction(curvature_ratio, low: float, high: float):
+    """``κ = clip(1/r, low, high)``; non-convex (``r ≤ 0``) reads as ``high``,
+    non-finite as ``low``."""
+    r = curvature_ratio
+    kappa = jnp.where(r > 0, 1 / jnp.where(r > 0, r, 1.0), high)
+    return jnp.where(jnp.isfinite(r), jnp.clip(kappa, low, high), low).astype(jnp.float32)
+
+
 def pi_muon(
     apply_fn: Callable,
     loss_fn: Callable,
@@ -86,6 +131,10 @@ def pi_muon(
     parallel: str = "interpolate",
     gn_warm_start: float = 1.0,
     trust_batch_size: int | None = None,
+    gn_step_length: str = "corrected",
+    gradient: str = "solver",
+    rejected: str = "parabola",
+    correction_limits: tuple[float, float] = (0.5, 1.5),
     **muon_kwargs,
 ) -> optax.GradientTransformationExtraArgs:
     """PI-Muon (see the module docstring for the maths).
@@ -96,8 +145,10 @@ def pi_muon(
       solver: GN solver for ``s`` (default ``cg(max_iters=10)``).
       curvature: GGN of ``s`` (default :func:`gnopt.curvature.layerwise`).
       fusion: controller of ``λ`` (default
-        ``fusion_weight_controller(reject_below=0.0)``: steps whose loss rose
-        against the model's prediction fall back to Muon's step).
+        ``fusion_weight_controller(kp=0.2, reject_below=0.0)``: steps whose
+        loss moved against the model's prediction are rejected; with ``kp=0.5``
+        one rejection at batch 512–1024 cut λ from 1 to ≈ 0.04 and the
+        Muon-dominated steps that followed raised the loss).
       damping: ``δ``, a float or a controller driven by the same ``ρ``
         (default :func:`gnopt.control.damping_controller`). Measured on the
         tiny LLaMA: a fixed ``δ = 1e-3`` without rejection diverges in the
@@ -106,6 +157,18 @@ def pi_muon(
       gn_warm_start: factor on the last ``s`` used to start the next solve.
       trust_batch_size: measure ``ρ`` on the first this many sequences of its
         batch (default: all; paper-size batches need a slice to fit in memory).
+      gn_step_length: ``"corrected"`` (default), ``"model"`` or ``"solver"``
+        (step 2 of the module docstring).
+      gradient: ``"solver"`` (default) or ``"given"``: where Muon's gradient
+        comes from (step 1). ``"given"`` with ``λ ≡ 0`` is Muon bit for bit;
+        ``"solver"`` equals it up to rounding (micro-batch sums).
+      rejected: ``"parabola"`` (default) or ``"muon"``: the step taken when
+        the fused step is rejected (step 6). With ``"parabola"``, ``λ ≡ 0`` is
+        Muon only while Muon's steps are accepted.
+      correction_limits: ``(low, high)`` limits of ``κ``. At ``κ`` the model's
+        decrease is ``κ(2 − κ)`` of its best, so ``κ → 2`` makes ``ρ``
+        ill-conditioned (measured at batch 256: ``κ = 1.97`` gave ρ = −44 and
+        12 steps to the target instead of 7 with the default ``3/2``).
       **muon_kwargs: passed to :func:`gnopt.transforms.muon`.
 
     Returns:
@@ -115,44 +178,71 @@ def pi_muon(
     """
     if parallel not in ("interpolate", "muon"):
         raise ValueError(f"pi_muon: parallel must be 'interpolate' or 'muon', got {parallel!r}")
+    if rejected not in ("parabola", "muon"):
+        raise ValueError(f"pi_muon: rejected must be 'parabola' or 'muon', got {rejected!r}")
+    if gradient not in ("solver", "given"):
+        raise ValueError(f"pi_muon: gradient must be 'solver' or 'given', got {gradient!r}")
+    if gn_step_length not in ("solver", "model", "corrected"):
+        raise ValueError("pi_muon: gn_step_length must be 'solver', 'model' or 'corrected', "
+                         f"got {gn_step_length!r}")
+    if not 0 < correction_limits[0] <= 1 <= correction_limits[1]:
+        raise ValueError("pi_muon: correction_limits must satisfy 0 < low <= 1 <= high, "
+                         f"got {correction_limits}")
     solver = cg(max_iters=10) if solver is None else solver
     curvature = layerwise() if curvature is None else curvature
-    fusion = fusion_weight_controller(reject_below=0.0) if fusion is None else fusion
+    fusion = fusion_weight_controller(kp=0.2, reject_below=0.0) if fusion is None else fusion
     damping = damping_controller() if damping is None else damping
     adaptive = isinstance(damping, PIController)
     base = muon(learning_rate, **muon_kwargs)
-    stat_names = ("lambda", "rho", "perp_ratio", "damping", "accepted", "actual_decrease",
-                  "predicted_decrease") + solver.stat_names
+    stat_names = ("lambda", "rho", "gn_scale", "curvature_ratio", "perp_ratio", "damping",
+                  "accepted", "actual_decrease", "predicted_decrease") + solver.stat_names
 
     def init_fn(params):
-        return PIMuonState(base.init(params), working_precision(otu.tree_zeros_like(params)), fusion.init(),
-                           damping.init() if adaptive else None, {k: jnp.zeros((), jnp.float32) for k in stat_names})
+        return PIMuonState(base.init(params), working_precision(otu.tree_zeros_like(params)),
+                           fusion.init(), damping.init() if adaptive else None,
+                           jnp.ones((), jnp.float32), {k: jnp.zeros((), jnp.float32) for k in stat_names})
 
     def update_fn(updates, state, params=None, *, batch=None, line_search_batch=None, **extra):
         require_batch("pi_muon", params, batch)
-        u, muon_state = base.update(updates, state.muon, params)
         lam = state.fusion.output
         delta = state.damping.output if adaptive else damping
-        s, stats = solver.solve(apply_fn, loss_fn, curvature, params, batch,
-                                state.gn_warm_start, delta)
-        c, s_perp = split_along(s, u)
+        solve_args = (apply_fn, loss_fn, curvature, params, batch, state.gn_warm_start, delta)
+        if gradient == "solver":
+            s, stats, grads = solver.solve_with_gradient(*solve_args)
+            updates = otu.tree_cast_like(grads, updates)
+        else:
+            s, stats = solver.solve(*solve_args)
+        u, muon_state = base.update(updates, state.muon, params)
+        trust_batch = batch if line_search_batch is None else line_search_batch
+        trust_batch = trust_batch if trust_batch_size is None else jax.tree.map(
+            lambda x: x[:trust_batch_size], trust_batch)
+        model = LinearisedModel(apply_fn, loss_fn, params, trust_batch)
+        gn_scale = (jnp.ones(()) if gn_step_length == "solver"
+                    else state.length_correction * _line_minimiser(*model.along(s))[1])
+        scaled = otu.tree_scale(gn_scale, s)
+        c, s_perp = split_along(scaled, u)
         if parallel == "interpolate":
             step = jax.tree.map(lambda ul, cl, pl: ((1 - lam) + lam * cl) * ul + lam * pl, u, c, s_perp)
         else:
             step = jax.tree.map(lambda ul, pl: ul + lam * pl, u, s_perp)
-        trust_batch = batch if line_search_batch is None else line_search_batch
-        trust_batch = trust_batch if trust_batch_size is None else jax.tree.map(
-            lambda x: x[:trust_batch_size], trust_batch)
-        rho, actual, predicted = trust_ratio(apply_fn, loss_fn, params, trust_batch, step)
+        measured = trust_ratio(apply_fn, loss_fn, params, trust_batch, step, model=model)
+        rho = measured.rho
         fusion_state, accept = fusion.update(state.fusion, rho)
         damping_state = damping.update(state.damping, rho)[0] if adaptive else None
-        step = jax.tree.map(lambda a, b: jnp.where(accept, a, b), step, u)
-        diag = {"lambda": lam, "rho": rho, "damping": delta, "accepted": accept,
-                "perp_ratio": otu.tree_norm(s_perp) / jnp.maximum(otu.tree_norm(s), 1e-30),
-                "actual_decrease": actual, "predicted_decrease": predicted, **stats}
+        fallback = _parabola_step(measured, step, u) if rejected == "parabola" else u
+        step = jax.tree.map(lambda a, b: jnp.where(accept, a, b), step, fallback)
+        correction = (_length_correction(measured.curvature_ratio, *correction_limits)
+                      if gn_step_length == "corrected" else state.length_correction)
+        diag = {"lambda": lam, "rho": rho, "damping": delta, "accepted": accept, "gn_scale": gn_scale,
+                "curvature_ratio": measured.curvature_ratio,
+                "perp_ratio": otu.tree_norm(s_perp) / jnp.maximum(otu.tree_norm(scaled), 1e-30),
+                "actual_decrease": measured.actual, "predicted_decrease": measured.predicted, **stats}
         diag = {k: jnp.asarray(diag[k], jnp.float32) for k in stat_names}
-        new_state = PIMuonState(muon_state, working_precision(otu.tree_scale(gn_warm_start, s)), fusion_state,
-                                damping_state, diag)
+        # a non-finite solve must not seed the next one
+        finite = jnp.isfinite(otu.tree_norm(s))
+        warm = jax.tree.map(lambda x: jnp.where(finite, gn_warm_start * x, 0.0), s)
+        new_state = PIMuonState(muon_state, working_precision(warm), fusion_state, damping_state,
+                                correction, diag)
         return otu.tree_cast_like(step, params), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
