@@ -96,16 +96,19 @@ def _batches(config, batch: int, seq: int, count: int, seed: int = 0):
             for k in keys]
 
 
+def _inner_solver(inner_batch: int):
+    return solvers.inner_optimizer(gnopt.inner_muon(1e-2), inner_batch)
+
+
 def _gauss_newton(inner_batch: int, ls_points: int = 5, curv=None):
     return gnopt.gauss_newton(
-        apply_model, common.LOSS,
-        solver=solvers.inner_optimizer(gnopt.inner_muon(1e-2), inner_batch),
+        apply_model, common.LOSS, solver=_inner_solver(inner_batch),
         curvature=curv or curvature.full(), line_search=line_search.grid(ls_points))
 
 
 def _pi_muon(inner_batch: int):
     return gnopt.pi_muon(apply_model, common.LOSS, 0.02, damping=0.0,
-                         solver=solvers.inner_optimizer(gnopt.inner_muon(1e-2), inner_batch))
+                         solver=_inner_solver(inner_batch))
 
 
 def _trainer_step(tx, params, batch, ls_batch, tokens, flop_factor, name, second_order):
@@ -141,7 +144,7 @@ def pieces(config, params, o) -> list[Piece]:
             return u
         return products
 
-    solver = solvers.inner_optimizer(gnopt.inner_muon(1e-2), b)
+    solver = _inner_solver(b)
     num_inner = big // b
 
     def inner_solve(p, batch):
