@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from gnopt import models
-from gnopt.bench import common, main
+from gnopt.bench import common, main, runs
 
 
 def _run(tmp_path, *args):
@@ -60,6 +60,40 @@ def test_steps_to_target_smoke(tmp_path):
     assert summary["gn_layerwise"]["steps_vs_gn_full"] is None  # no gn_full in this run
 
 
+def test_steps_to_target_smoke_several_targets_and_cheaper_line_search(tmp_path):
+    record = _load(_run(tmp_path, "steps-to-target", "--target", "9.0", "9.5",
+                        "--ls-batch", "1", "--ls-stop-at-rise") / "steps_to_target.json")
+    assert list(record["by_target"]) == ["9.5", "9"]
+    for rows in record["by_target"].values():
+        assert rows["adamw"]["steps_to_target"] == rows["gn_layerwise"]["steps_to_target"] == 1
+    gn_runs = record["results"][1]["runs"]
+    assert all(1 <= p["line_search_evals"] <= 10 for run in gn_runs for p in run["curve"][1:])
+    # The line-search batch is 1 of the batch's 4 sequences.
+    assert (4 * record["summary"]["gn_layerwise"]["tokens_to_target"]
+            == 5 * record["summary"]["adamw"]["tokens_to_target"])
+
+
+def _run_record(lr, losses):
+    curve = [{"step": i, "tokens": 10 * i, "wall_s": 0.5 * i, "val_loss": v}
+             for i, v in enumerate(losses)]
+    return {"lr": lr, "curve": curve, "final_val_loss": losses[-1]}
+
+
+def test_best_run_per_target_from_the_curves():
+    fast_early = _run_record(0.1, [3.0, 2.5, 2.4, 2.35, 2.3])
+    fast_late = _run_record(0.2, [3.0, 2.7, 2.45, 2.2])
+    assert runs.reached(fast_early["curve"], 3.0)["step"] == 1  # step 0 never counts
+    assert runs.reached(fast_late["curve"], 2.0) is None
+    assert runs.best_at([fast_early, fast_late], 2.5) == {
+        "best_lr": 0.1, "steps_to_target": 1, "tokens_to_target": 10, "wall_s_to_target": 0.5}
+    assert runs.best_at([fast_early, fast_late], 2.3)["best_lr"] == 0.2
+    assert runs.best_at([fast_early, fast_late], 2.3)["steps_to_target"] == 3
+    # Nobody reaches it: the lowest final loss, with no steps.
+    assert runs.best_at([fast_early, fast_late], 1.0) == {
+        "best_lr": 0.2, "steps_to_target": None, "tokens_to_target": None,
+        "wall_s_to_target": None}
+
+
 def test_batch_scaling_smoke(tmp_path):
     record = _load(_run(tmp_path, "batch-scaling", "--optimizers", "adamw", "--max-steps", "3")
                    / "batch_scaling.json")
@@ -78,6 +112,8 @@ def test_gpu_smoke_steps_part(tmp_path):
     (["cost", "--batch", "5"], "--batch 5 must be a multiple of --inner-batch 2"),
     (["steps-to-target", "--optimizers", "nope"], "--optimizers: unknown ['nope']"),
     (["steps-to-target", "--lr", "adamw"], "--lr 'adamw': expected NAME=LR"),
+    (["steps-to-target", "--ls-batch", "5"], "--ls-batch 5 must be in 1..4 (the batch)"),
+    (["batch-scaling", "--ls-batch", "8"], "--ls-batch 8 must be in 1..4 (the batch)"),
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, args, message):
     assert main([*args, "--smoke", "--out", str(tmp_path)]) == 2

@@ -13,7 +13,8 @@ def quadratic_along(curvature, slope, loss0=1.0):
 
 
 @given(curvature=st.floats(-5.0, 50.0), slope=st.floats(-5.0, 5.0),
-       search=st.sampled_from([line_search.grid(5), line_search.grid(10), line_search.backtracking()]))
+       search=st.sampled_from([line_search.grid(5), line_search.grid(10), line_search.backtracking(),
+                               line_search.grid(10, stop_at_rise=True)]))
 def test_never_worse_than_start(curvature, slope, search):
     f = quadratic_along(curvature, slope)
     alpha, stats = search.search(f, f(0.0), lambda: slope)
@@ -42,3 +43,27 @@ def test_backtracking_armijo_and_increase_flag():
     assert float(alpha) > 0.0
     with pytest.raises(ValueError, match="shrink"):
         line_search.backtracking(shrink=1.5)
+
+
+@given(curvature=st.floats(0.05, 50.0), slope=st.floats(-5.0, 5.0), num=st.integers(1, 10))
+def test_stop_at_rise_matches_the_full_grid_on_unimodal_losses(curvature, slope, num):
+    f = quadratic_along(curvature, slope)  # convex in α: unimodal
+
+    full_alpha, full = line_search.grid(num).search(f, f(0.0), lambda: slope)
+    early_alpha, early = line_search.grid(num, stop_at_rise=True).search(f, f(0.0),
+                                                                          lambda: slope)
+    assert float(early_alpha) == float(full_alpha)
+    np.testing.assert_allclose(early["line_search_loss"], full["line_search_loss"], rtol=1e-6)
+    # Evaluations: the best candidate k, one more to see the rise, never more than num.
+    alphas = np.asarray(line_search.grid(num).candidates())
+    k = int(np.argmin([float(f(a)) for a in alphas]))
+    assert int(early["line_search_evals"]) == min(k + 2, num)
+    assert int(full["line_search_evals"]) == num
+
+
+def test_stop_at_rise_skips_non_finite_large_steps_and_stops_early():
+    f = quadratic_along(4.0, -1.0)  # minimum at α = 0.25 (candidate 4)
+    blown_up = lambda a: jnp.where(a > 0.9, jnp.nan, f(a))  # α = 1 diverges
+    alpha, stats = line_search.grid(10, stop_at_rise=True).search(blown_up, f(0.0), lambda: -1.0)
+    assert float(alpha) == pytest.approx(0.25)
+    assert int(stats["line_search_evals"]) == 6

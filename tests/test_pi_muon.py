@@ -150,6 +150,32 @@ def test_a_rejected_step_is_cut_back_to_the_parabola_minimiser(x64):
     np.testing.assert_allclose(ravel_pytree(step)[0], tau * d, rtol=1e-7, atol=1e-12)
 
 
+def test_a_step_that_raises_the_loss_as_predicted_is_cut_back(x64):
+    """λ ≡ 0 and an overlong Muon step: the model predicts the rise and the loss
+    rises, so ρ > 0 passes ``reject_below = 0``; the step is still not kept but
+    cut back along the parabola (``τ ≤ 1/2``), unlike without rejection."""
+    params, batch = mlp_batch(n=16)
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    batch = (batch[0].astype(jnp.float64), batch[1])
+    loss = lambda p: float(losses.softmax_cross_entropy(mlp_apply(p, batch[0]), batch[1]))
+    kwargs = dict(damping=1e-2, gradient="given")
+    tx = pi_muon(mlp_apply, losses.softmax_cross_entropy, 2.0, fusion=fixed_lambda(0.0, 0.0), **kwargs)
+    step, state = tx.update(grads_of(params, batch), tx.init(params), params, batch=batch)
+    diag = state.diagnostics
+    assert float(diag["predicted_decrease"]) < 0 and float(diag["actual_decrease"]) < 0
+    assert float(diag["rho"]) > 0
+    assert not bool(diag["accepted"])
+    # Without rejection λ ≡ 0 stays Muon, uphill step included.
+    keep = pi_muon(mlp_apply, losses.softmax_cross_entropy, 2.0, fusion=fixed_lambda(0.0), **kwargs)
+    u, keep_state = keep.update(grads_of(params, batch), keep.init(params), params, batch=batch)
+    assert bool(keep_state.diagnostics["accepted"])
+    cut, full = ravel_pytree(step)[0], ravel_pytree(u)[0]
+    tau = float(cut @ full / (full @ full))
+    assert 0 < tau <= 0.5
+    np.testing.assert_allclose(cut, tau * full, rtol=1e-9, atol=1e-12)
+    assert loss(optax.apply_updates(params, step)) < loss(optax.apply_updates(params, u))
+
+
 def test_length_correction_limits_and_bad_measurements():
     kappa = _length_correction(jnp.asarray([0.1, 0.8, 1.0, 5.0, -1.0, 0.0, jnp.nan, jnp.inf]), 0.5, 2.0)
     np.testing.assert_allclose(kappa, [2.0, 1.25, 1.0, 0.5, 2.0, 2.0, 0.5, 0.5])

@@ -21,7 +21,7 @@ FULL_PARTS = {
                  repeats=5, products=4),
     "steps": dict(steps.FULL, model="45m", vocab_size=256, dtype="bfloat16", seq=512, batch=256,
                   inner_batch=16, warmup_steps=200, warmup_batch=32, warmup_lr=1e-3,
-                  target=1.6, max_steps=200, max_gn_steps=30, val_batch=32, val_batches=4),
+                  target=[1.6], max_steps=200, max_gn_steps=30, val_batch=32, val_batches=4),
 }
 SMOKE_PARTS = {"cost": cost.SMOKE, "steps": dict(steps.SMOKE, optimizers=["adamw"])}
 

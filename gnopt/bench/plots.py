@@ -41,7 +41,7 @@ def _best_run(result: dict) -> dict:
     return next(r for r in result["runs"] if r["lr"] == result["best_lr"])
 
 
-def loss_curves(results: list[dict], target: float, path: str, title: str = "") -> None:
+def loss_curves(results: list[dict], targets: list[float], path: str, title: str = "") -> None:
     """Validation loss vs step and vs step wall time, best learning rate of each optimizer."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     start = max(_best_run(r)["curve"][0]["val_loss"] for r in results)
@@ -52,7 +52,9 @@ def loss_curves(results: list[dict], target: float, path: str, title: str = "") 
             ax.plot([p[x] for p in curve], [p["val_loss"] for p in curve], color=f"C{i % 10}",
                     label=label)
     for ax, x in zip(axes, ("optimizer step", "step wall time (s)")):
-        ax.axhline(target, color="black", linestyle=":", linewidth=1, label="target")
+        for i, target in enumerate(targets):
+            ax.axhline(target, color="black", linestyle=":", linewidth=1,
+                       label="target" if i == 0 else None)
         ax.set_xlabel(x)
         ax.set_ylabel("validation loss")
         ax.set_ylim(top=start + 0.3)  # a diverging run leaves the frame

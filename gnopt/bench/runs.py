@@ -44,13 +44,8 @@ class Optimizer:
     second_order: bool = False
 
 
-def _gn(solver_fn, curv, points: int, inner_batch: int):
-    return lambda lr: gnopt.gauss_newton(
-        apply_model, common.LOSS, solver=solver_fn(gnopt.inner_muon(lr), inner_batch),
-        curvature=curv, line_search=line_search.grid(points))
-
-
-def optimizers(inner_batch: int, warmup_steps: int = 5) -> dict[str, Optimizer]:
+def optimizers(inner_batch: int, warmup_steps: int = 5,
+               ls_stop_at_rise: bool = False) -> dict[str, Optimizer]:
     """The compared optimizers with their default learning-rate grids.
 
     First-order baselines ramp their learning rate linearly over
@@ -60,24 +55,29 @@ def optimizers(inner_batch: int, warmup_steps: int = 5) -> dict[str, Optimizer]:
     sequences per inner step, line search ``{2^(−i/2)}`` with 5 points
     (10 for layerwise, as in the paper). PI-Muon: Muon's part as Muon's best
     (``η = 0.08``), its layerwise GN step from the same inner solver as GN
-    (``lr`` is the inner learning rate), no damping.
+    (``lr`` is the inner learning rate), no damping. ``ls_stop_at_rise``: GN's
+    grid search stops at the first rise (:class:`gnopt.line_search.GridLineSearch`).
     """
     ramp = lambda lr: gnopt.transforms.constant(lr, warmup_steps)
+
+    def gn(solver_fn, curv, points: int):
+        return lambda lr: gnopt.gauss_newton(
+            apply_model, common.LOSS, solver=solver_fn(gnopt.inner_muon(lr), inner_batch),
+            curvature=curv, line_search=line_search.grid(points, stop_at_rise=ls_stop_at_rise))
+
     gn_grid = (1e-2, 3e-2, 1e-1)
     table = [
-        Optimizer("adamw", lambda lr: gnopt.transforms.adamw(ramp(lr)), (1.5e-3, 3e-3, 6e-3)),
+        Optimizer("adamw", lambda lr: gnopt.transforms.adamw(ramp(lr)), (3e-3, 6e-3, 1.2e-2)),
         Optimizer("muon", lambda lr: gnopt.transforms.muon(ramp(lr), adam_learning_rate=ramp(3e-3)),
                   (0.04, 0.08, 0.16)),
         Optimizer("soap", lambda lr: gnopt.transforms.soap(ramp(lr)), (6e-3, 1.2e-2, 2.4e-2)),
         Optimizer("shampoo", lambda lr: gnopt.transforms.shampoo(ramp(lr)), (3e-3, 6e-3, 1.2e-2)),
         Optimizer("kfac", lambda lr: gnopt.transforms.kfac(tapped_call, common.LOSS, ramp(lr)),
-                  (1e-3, 3e-3, 1e-2)),
-        Optimizer("gn_full", _gn(solvers.inner_optimizer, curvature.full(), 5, inner_batch),
+                  (3e-3, 1e-2, 3e-2)),
+        Optimizer("gn_full", gn(solvers.inner_optimizer, curvature.full(), 5), gn_grid, True),
+        Optimizer("gn_layerwise", gn(solvers.inner_optimizer, curvature.layerwise(), 10),
                   gn_grid, True),
-        Optimizer("gn_layerwise", _gn(solvers.inner_optimizer, curvature.layerwise(), 10,
-                                      inner_batch), gn_grid, True),
-        Optimizer("gn_prox_linear", _gn(solvers.prox_linear, curvature.full(), 5, inner_batch),
-                  gn_grid, True),
+        Optimizer("gn_prox_linear", gn(solvers.prox_linear, curvature.full(), 5), gn_grid, True),
         Optimizer("pi_muon", lambda lr: pi_muon(
             apply_model, common.LOSS, ramp(0.08), adam_learning_rate=ramp(3e-3),
             solver=solvers.inner_optimizer(gnopt.inner_muon(lr), inner_batch), damping=0.0),
@@ -123,8 +123,11 @@ def make_evaluator(val_batches: list) -> Callable[[Any], float]:
 
 def train(opt: Optimizer, lr: float, params, corpus: Data, evaluate, *, batch_size: int,
           max_steps: int, target: float = -math.inf, eval_every: int = 1,
-          max_nonfinite: int = 3) -> tuple[Any, dict[str, Any]]:
+          max_nonfinite: int = 3, ls_batch_size: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Trains a copy of ``params`` until the validation loss reaches ``target``.
+
+    Second-order optimizers get a fresh line-search (trust-ratio) batch each
+    step: the first ``ls_batch_size`` sequences (default: all) of the next batch.
 
     Returns:
       ``(params, record)``; ``record`` has ``steps_to_target``,
@@ -140,7 +143,9 @@ def train(opt: Optimizer, lr: float, params, corpus: Data, evaluate, *, batch_si
 
     def next_batches():
         batch = next(pipeline)
-        return batch, (next(pipeline) if opt.second_order else None)
+        if not opt.second_order:
+            return batch, None
+        return batch, jax.tree.map(lambda x: x[:ls_batch_size], next(pipeline))
 
     batch, ls_batch = next_batches()
     start = time.perf_counter()
@@ -186,19 +191,40 @@ def warm_up(params, corpus: Data, evaluate, *, steps: int, batch_size: int,
     return params, record
 
 
-def sweep(opt: Optimizer, learning_rates, params, corpus: Data, evaluate, **kwargs) -> dict:
-    """Runs ``opt`` at each learning rate; the best reaches the target in the fewest
-    steps (ties, or none reaching it: the lowest final validation loss)."""
+def reached(curve: list[dict], target: float) -> dict | None:
+    """The first evaluated step (after step 0) with validation loss ``≤ target``."""
+    return next((p for p in curve[1:] if p["val_loss"] <= target), None)
+
+
+def best_at(runs: list[dict], target: float) -> dict[str, Any]:
+    """The run reaching ``target`` in the fewest steps (ties, or none reaching it:
+    the lowest final validation loss): its lr, steps, tokens and wall time."""
+    def key(run):
+        point = reached(run["curve"], target)
+        return (point["step"] if point else math.inf, run["final_val_loss"])
+
+    best = min(runs, key=key)
+    point = reached(best["curve"], target)
+    return {"best_lr": best["lr"], "steps_to_target": point and point["step"],
+            "tokens_to_target": point and point["tokens"],
+            "wall_s_to_target": point and point["wall_s"]}
+
+
+def sweep(opt: Optimizer, learning_rates, params, corpus: Data, evaluate, *,
+          targets: list[float], **kwargs) -> dict:
+    """Runs ``opt`` at each learning rate until the lowest of ``targets``.
+
+    The top-level fields are the best run for the lowest target; ``by_target``
+    has the best run for each target (the best lr may differ between them).
+    """
     runs = []
     for lr in learning_rates:
-        _, record = train(opt, lr, params, corpus, evaluate, **kwargs)
+        _, record = train(opt, lr, params, corpus, evaluate, target=min(targets), **kwargs)
         print(f"  {opt.name:<15} lr {lr:<8g} steps {record['steps_to_target'] or '-':>5} "
               f"final val {record['final_val_loss']:.4f} ({record['stop_reason']}, "
               f"{record['curve'][-1]['wall_s']:.1f} s + compile {record['compile_s']:.1f} s)",
               flush=True)
         runs.append(record)
-    best = min(runs, key=lambda r: (r["steps_to_target"] or math.inf, r["final_val_loss"]))
-    return {"optimizer": opt.name, "grid": list(learning_rates), "best_lr": best["lr"],
-            "steps_to_target": best["steps_to_target"],
-            "tokens_to_target": best["tokens_to_target"],
-            "wall_s_to_target": best["wall_s_to_target"], "runs": runs}
+    by_target = {f"{t:g}": best_at(runs, t) for t in sorted(targets, reverse=True)}
+    return {"optimizer": opt.name, "grid": list(learning_rates),
+            **by_target[f"{min(targets):g}"], "by_target": by_target, "runs": runs}

@@ -19,7 +19,7 @@ import numpy as np
 
 from gnopt.bench import common, plots, runs, steps
 
-FULL = dict(steps.FULL, sizes=[16, 32, 64, 128, 256], target=2.6, max_steps=300,
+FULL = dict(steps.FULL, sizes=[16, 32, 64, 128, 256], target=[2.6], max_steps=300,
             max_gn_steps=40, optimizers=["adamw", "muon", "soap", "gn_full"],
             lr=["adamw=3e-3,6e-3", "muon=0.04,0.08", "soap=6e-3,1.2e-2", "gn_full=0.01,0.03"])
 SMOKE = dict(steps.SMOKE, sizes=[4, 8], max_steps=2, max_gn_steps=1,
@@ -38,8 +38,9 @@ def run(o, argv: list[str] | None) -> dict[str, Any]:
     if len(sizes) < 2 or any(s % o.inner_batch for s in sizes):
         raise ValueError(f"--sizes {sizes}: need >= 2 sizes, each a multiple of "
                          f"--inner-batch {o.inner_batch}")
+    steps.check_ls_batch(o, sizes[0])
     small = max(1, sizes[-1] // 8)
-    table = runs.optimizers(o.inner_batch)
+    table = runs.optimizers(o.inner_batch, ls_stop_at_rise=o.ls_stop_at_rise)
     chosen = [opt.name for opt in steps.selected(o, table)]
     grids = steps.parse_grids(o.lr, table)
     params, corpus, evaluate, meta = steps.setup(o)
@@ -53,19 +54,24 @@ def run(o, argv: list[str] | None) -> dict[str, Any]:
             cap = o.max_gn_steps if opt.second_order else o.max_steps
             print(f"batch {size}:", flush=True)
             result = runs.sweep(opt, grids.get(name, opt.learning_rates), params, corpus,
-                                evaluate, batch_size=size, max_steps=cap, target=o.target,
-                                eval_every=o.eval_every)
+                                evaluate, batch_size=size, max_steps=cap, targets=o.target,
+                                eval_every=o.eval_every, ls_batch_size=o.ls_batch)
             result["batch_size"] = size
             results.append(result)
             if measure:
                 noise = noise_curve(result, small, size, o.seq)
-    summary = {name: {r["batch_size"]: r["steps_to_target"] for r in results
-                      if r["optimizer"] == name} for name in chosen}
+    by_target = {target: {name: {r["batch_size"]: r["by_target"][target]["steps_to_target"]
+                                 for r in results if r["optimizer"] == name} for name in chosen}
+                 for target in results[0]["by_target"]}
+    summary = by_target[f"{min(o.target):g}"]
     record = {"suite": "batch-scaling", "options": steps.vars_of(o), "target_metric": "val_loss",
-              **meta, "steps_to_target": summary, "noise_scale": noise, "results": results}
+              **meta, "steps_to_target": summary, "steps_by_target": by_target,
+              "noise_scale": noise, "results": results}
     path = common.write_result(o.out, o.name, record, argv)
-    plots.scaling_chart(summary, noise, o.target, path.replace(".json", ".png"))
-    print(scaling_table(summary, sizes, noise))
+    plots.scaling_chart(summary, noise, min(o.target), path.replace(".json", ".png"))
+    for target, table in by_target.items():
+        print(f"steps to validation loss {target}")
+        print(scaling_table(table, sizes, noise if table is summary else None))
     print(f"wrote {path}")
     return record
 

@@ -6,7 +6,11 @@ trains from it until the validation loss reaches ``--target``: steps, tokens and
 step wall time to the target, each baseline over its learning-rate grid (the
 best: fewest steps). Runs that miss the target stop at ``--max-steps``
 (first-order) or ``--max-gn-steps`` (second-order) and are reported as not
-reached.
+reached. With several ``--target`` values every run goes to the lowest, and
+steps to each target (with the best lr for that target) are read off the same
+curves. ``--ls-batch`` shrinks the fresh batch that GN's line search and
+PI-Muon's trust ratio are scored on; ``--ls-stop-at-rise`` ends GN's grid
+search at the first rise.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from gnopt import models
 from gnopt.bench import common, plots, runs
 
 FULL = dict(model="tiny", vocab_size=None, dtype="float32", seq=64, batch=128, inner_batch=8,
-            warmup_steps=150, warmup_batch=16, warmup_lr=3e-3, target=2.45, max_steps=120,
+            warmup_steps=150, warmup_batch=16, warmup_lr=3e-3, target=[2.45], max_steps=120,
             max_gn_steps=16, eval_every=1, val_batch=64, val_batches=4, max_bytes=None,
-            optimizers=None, lr=[])
+            optimizers=None, lr=[], ls_batch=None, ls_stop_at_rise=False)
 SMOKE = dict(FULL, seq=16, batch=4, inner_batch=2, warmup_steps=2, warmup_batch=2, max_steps=2,
              max_gn_steps=2, val_batch=2, val_batches=1, max_bytes=300_000,
              optimizers=["adamw", "gn_layerwise"], lr=["adamw=1e-2", "muon=0.02", "soap=3e-3"])
@@ -35,10 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=int, help="tokens per sequence (64)")
     parser.add_argument("--batch", type=int, help="the large batch, in sequences (128)")
     parser.add_argument("--inner-batch", type=int, help="GN inner micro-batch in sequences (8)")
+    parser.add_argument("--ls-batch", type=int,
+                        help="second-order line-search / trust-ratio batch in sequences, a "
+                             "fresh batch each step (default: --batch, as in the paper)")
+    parser.add_argument("--ls-stop-at-rise", action="store_true", default=None,
+                        help="GN's grid line search stops at the first rise of the loss")
     parser.add_argument("--warmup-steps", type=int, help="AdamW warm-up steps (150)")
     parser.add_argument("--warmup-batch", type=int, help="warm-up batch in sequences (16)")
     parser.add_argument("--warmup-lr", type=float, help="warm-up peak learning rate (3e-3)")
-    parser.add_argument("--target", type=float, help="target validation loss (2.45)")
+    parser.add_argument("--target", type=float, nargs="+",
+                        help="target validation loss(es) (2.45); runs stop at the lowest, "
+                             "steps to each are reported")
     parser.add_argument("--max-steps", type=int, help="step cap of first-order runs (120)")
     parser.add_argument("--max-gn-steps", type=int, help="step cap of second-order runs (16)")
     parser.add_argument("--eval-every", type=int, help="validate every this many steps (1)")
@@ -89,25 +100,26 @@ def setup(o) -> tuple[Any, runs.Data, Any, dict]:
 
 def run(o, argv: list[str] | None) -> dict[str, Any]:
     """Runs the suite with resolved options ``o``; returns the result record."""
-    table = runs.optimizers(o.inner_batch)
+    table = runs.optimizers(o.inner_batch, ls_stop_at_rise=o.ls_stop_at_rise)
     grids = parse_grids(o.lr, table)
     chosen = selected(o, table)
     if o.batch % o.inner_batch:
         raise ValueError(f"--batch {o.batch} must be a multiple of --inner-batch {o.inner_batch}")
+    check_ls_batch(o, o.batch)
     params, corpus, evaluate, meta = setup(o)
     results = []
     for opt in chosen:
         cap = o.max_gn_steps if opt.second_order else o.max_steps
         results.append(runs.sweep(opt, grids.get(opt.name, opt.learning_rates), params, corpus,
-                                  evaluate, batch_size=o.batch, max_steps=cap, target=o.target,
-                                  eval_every=o.eval_every))
-    summary = summarise(results)
+                                  evaluate, batch_size=o.batch, max_steps=cap, targets=o.target,
+                                  eval_every=o.eval_every, ls_batch_size=o.ls_batch))
+    summary, by_target = summarise(results), summarise_targets(results)
     record = {"suite": "steps-to-target", "options": vars_of(o), "target_metric": "val_loss",
-              **meta, "summary": summary, "results": results}
+              **meta, "summary": summary, "by_target": by_target, "results": results}
     path = common.write_result(o.out, o.name, record, argv)
     plots.loss_curves(results, o.target, path.replace(".json", ".png"),
                       title=f"batch {o.batch} x {o.seq} tokens, best learning rate of each")
-    print(steps_table(summary, o.target))
+    print(steps_table(summary, by_target, o.target))
     print(f"wrote {path}")
     return record
 
@@ -116,8 +128,13 @@ def vars_of(o) -> dict[str, Any]:
     return {k: v for k, v in vars(o).items() if k not in ("func", "out")}
 
 
+def check_ls_batch(o, batch: int) -> None:
+    if o.ls_batch is not None and not 0 < o.ls_batch <= batch:
+        raise ValueError(f"--ls-batch {o.ls_batch} must be in 1..{batch} (the batch)")
+
+
 def summarise(results: list[dict]) -> dict[str, Any]:
-    """Best run of each optimizer and step ratios against full GN."""
+    """Best run of each optimizer (lowest target) and step ratios against full GN."""
     rows = {r["optimizer"]: {k: r[k] for k in ("best_lr", "grid", "steps_to_target",
                                                 "tokens_to_target", "wall_s_to_target")}
             for r in results}
@@ -125,15 +142,28 @@ def summarise(results: list[dict]) -> dict[str, Any]:
         best = next(run for run in r["runs"] if run["lr"] == r["best_lr"])
         rows[r["optimizer"]].update(final_val_loss=best["final_val_loss"], steps_run=best["steps"],
                                     seconds_per_step=best["curve"][-1]["wall_s"] / max(1, best["steps"]))
+    _add_ratios(rows)
+    return rows
+
+
+def summarise_targets(results: list[dict]) -> dict[str, dict]:
+    """``{target: {optimizer: best lr, steps, tokens, wall s, steps / full GN's}}``."""
+    by_target = {}
+    for target in results[0]["by_target"]:
+        by_target[target] = {r["optimizer"]: dict(r["by_target"][target]) for r in results}
+        _add_ratios(by_target[target])
+    return by_target
+
+
+def _add_ratios(rows: dict[str, dict]) -> None:
     gn = rows.get("gn_full", {}).get("steps_to_target")
     for row in rows.values():
         row["steps_vs_gn_full"] = (row["steps_to_target"] / gn
                                    if gn and row["steps_to_target"] else None)
-    return rows
 
 
-def steps_table(summary: dict, target: float) -> str:
-    lines = [f"target validation loss {target}",
+def steps_table(summary: dict, by_target: dict, targets: list[float]) -> str:
+    lines = [f"target validation loss {min(targets)}",
              f"{'optimizer':<16}{'best lr':>9}{'steps':>7}{'tokens':>10}{'wall s':>8}"
              f"{'s/step':>8}{'final val':>10}{'vs GN':>7}"]
     for name, r in summary.items():
@@ -143,4 +173,14 @@ def steps_table(summary: dict, target: float) -> str:
         lines.append(f"{name:<16}{r['best_lr']:>9g}{steps:>7}"
                      f"{(r['tokens_to_target'] or 0):>10}{(r['wall_s_to_target'] or 0):>8.1f}"
                      f"{r['seconds_per_step']:>8.2f}{r['final_val_loss']:>10.4f}{ratio:>7}")
+    if len(by_target) > 1:
+        lines.append("steps to each target (best lr for that target; x = steps / full GN's)")
+        lines.append(f"{'optimizer':<16}" + "".join(f"{t:>14}" for t in by_target))
+        for name in next(iter(by_target.values())):
+            cells = []
+            for rows in by_target.values():
+                r = rows[name]
+                ratio = "" if r["steps_vs_gn_full"] is None else f" {r['steps_vs_gn_full']:.1f}x"
+                cells.append(f"{(r['steps_to_target'] or '-')}{ratio}")
+            lines.append(f"{name:<16}" + "".join(f"{c:>14}" for c in cells))
     return "\n".join(lines)

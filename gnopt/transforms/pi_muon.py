@@ -44,7 +44,9 @@ Our method (design: ``shared/design/algorithms.md`` §3). Per step at ``θ``:
 6. ``λ`` for the next step from a :class:`gnopt.control.PIController` on ``ρ``
    (no line search); optionally the GN damping ``δ`` from a second controller
    (a smooth Levenberg–Marquardt rule). A step the controller rejects
-   (``ρ < reject_below``, or non-finite) is replaced by ``τΔ``, the minimiser
+   (``ρ < reject_below``, or non-finite) — or, when the controller rejects at
+   all, one that raised the loss on the trust batch even as predicted (both
+   decreases negative give ``ρ > 0``) — is replaced by ``τΔ``, the minimiser
    of the parabola through ``L(θ)``, ``gᵀΔ`` and ``L(θ + Δ)`` — all measured
    already, so no extra forward (``rejected="parabola"``) — or by Muon's ``u``
    (``rejected="muon"``, session 1's rule).
@@ -146,9 +148,9 @@ def pi_muon(
       curvature: GGN of ``s`` (default :func:`gnopt.curvature.layerwise`).
       fusion: controller of ``λ`` (default
         ``fusion_weight_controller(kp=0.2, reject_below=0.0)``: steps whose
-        loss moved against the model's prediction are rejected; with ``kp=0.5``
-        one rejection at batch 512–1024 cut λ from 1 to ≈ 0.04 and the
-        Muon-dominated steps that followed raised the loss).
+        loss moved against the model's prediction, or rose, are rejected;
+        with ``kp=0.5`` one rejection at batch 512–1024 cut λ from 1 to
+        ≈ 0.04 and the Muon-dominated steps that followed raised the loss).
       damping: ``δ``, a float or a controller driven by the same ``ρ``
         (default :func:`gnopt.control.damping_controller`). Measured on the
         tiny LLaMA: a fixed ``δ = 1e-3`` without rejection diverges in the
@@ -228,6 +230,8 @@ def pi_muon(
         measured = trust_ratio(apply_fn, loss_fn, params, trust_batch, step, model=model)
         rho = measured.rho
         fusion_state, accept = fusion.update(state.fusion, rho)
+        if fusion.reject_below is not None:
+            accept = accept & (measured.actual >= 0)
         damping_state = damping.update(state.damping, rho)[0] if adaptive else None
         fallback = _parabola_step(measured, step, u) if rejected == "parabola" else u
         step = jax.tree.map(lambda a, b: jnp.where(accept, a, b), step, fallback)
