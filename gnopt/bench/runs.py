@@ -191,6 +191,11 @@ def warm_up(params, corpus: Data, evaluate, *, steps: int, batch_size: int,
     return params, record
 
 
+def target_key(target: float) -> str:
+    """The key of ``target`` in the ``by_target`` records (``2.0 -> "2"``)."""
+    return f"{target:g}"
+
+
 def reached(curve: list[dict], target: float) -> dict | None:
     """The first evaluated step (after step 0) with validation loss ``≤ target``."""
     return next((p for p in curve[1:] if p["val_loss"] <= target), None)
@@ -225,6 +230,6 @@ def sweep(opt: Optimizer, learning_rates, params, corpus: Data, evaluate, *,
               f"{record['curve'][-1]['wall_s']:.1f} s + compile {record['compile_s']:.1f} s)",
               flush=True)
         runs.append(record)
-    by_target = {f"{t:g}": best_at(runs, t) for t in sorted(targets, reverse=True)}
+    by_target = {target_key(t): best_at(runs, t) for t in sorted(targets, reverse=True)}
     return {"optimizer": opt.name, "grid": list(learning_rates),
-            **by_target[f"{min(targets):g}"], "by_target": by_target, "runs": runs}
+            **by_target[target_key(min(targets))], "by_target": by_target, "runs": runs}

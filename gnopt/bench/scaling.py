@@ -63,7 +63,7 @@ def run(o, argv: list[str] | None) -> dict[str, Any]:
     by_target = {target: {name: {r["batch_size"]: r["by_target"][target]["steps_to_target"]
                                  for r in results if r["optimizer"] == name} for name in chosen}
                  for target in results[0]["by_target"]}
-    summary = by_target[f"{min(o.target):g}"]
+    summary = by_target[runs.target_key(min(o.target))]
     record = {"suite": "batch-scaling", "options": steps.vars_of(o), "target_metric": "val_loss",
               **meta, "steps_to_target": summary, "steps_by_target": by_target,
               "noise_scale": noise, "results": results}
