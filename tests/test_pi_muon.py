@@ -36,7 +36,7 @@ def grads_of(params, batch):
 def test_zero_lambda_is_exactly_muon(parallel):
     params, batch = mlp_batch()
     pim = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, fusion=zero_lambda(), parallel=parallel,
-                  gradient="given")
+                  gradient="given", muon_step_length="muon")
     ref = muon(0.02)
     p1, p2, s1, s2 = params, params, pim.init(params), ref.init(params)
     for _ in range(3):
@@ -50,7 +50,8 @@ def test_zero_lambda_is_exactly_muon(parallel):
 def test_zero_lambda_with_the_solvers_gradient_is_muon_up_to_rounding():
     params, batch = mlp_batch()
     solver = gnopt.solvers.inner_optimizer(gnopt.inner_muon(0.03), inner_batch_size=4)
-    pim = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, fusion=zero_lambda(), solver=solver)
+    pim = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, fusion=zero_lambda(), solver=solver,
+                  muon_step_length="muon")
     ref = muon(0.02)
     p1, p2, s1, s2 = params, params, pim.init(params), ref.init(params)
     for _ in range(3):
@@ -93,6 +94,29 @@ def test_gn_step_length_is_the_model_minimiser_along_s(x64, length):
     np.testing.assert_allclose(ravel_pytree(step)[0], expected * s_flat, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("lr", [1e-3, 2.0])
+def test_muon_step_length_from_the_model_shortens_u(x64, lr):
+    """λ ≡ 0, ``muon_step_length="model"``: the step is Muon's ``u`` times
+    ``β = clip(−gᵀu/uᵀGu, 0, 1)`` on the trust batch (β < 1 once η overshoots)."""
+    params, batch = mlp_batch(n=16)
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    batch = (batch[0].astype(jnp.float64), batch[1])
+    trust = mlp_batch(seed=1, n=16)[1]
+    trust = (trust[0].astype(jnp.float64), trust[1])
+    tx = pi_muon(mlp_apply, losses.softmax_cross_entropy, lr, fusion=zero_lambda(),
+                 gradient="given", muon_step_length="model")
+    step, state = tx.update(grads_of(params, batch), tx.init(params), params, batch=batch,
+                            line_search_batch=trust)
+    u, _ = muon(lr).update(grads_of(params, batch), muon(lr).init(params), params)
+    g_dense, _, _ = dense_ggn(mlp_apply, losses.softmax_cross_entropy, params, trust)
+    grad = ravel_pytree(grads_of(params, trust))[0]
+    u_flat = ravel_pytree(u)[0]
+    beta = float(np.clip(-(grad @ u_flat) / (u_flat @ g_dense @ u_flat), 0.0, 1.0))
+    assert (beta < 1.0) == (lr > 1.0)  # a short u is kept, an overshooting one cut back
+    assert float(state.diagnostics["muon_scale"]) == pytest.approx(beta, rel=1e-6)  # logged in f32
+    np.testing.assert_allclose(ravel_pytree(step)[0], beta * u_flat, rtol=1e-8, atol=1e-12)
+
+
 def test_length_correction_follows_the_measured_curvature():
     params, batch = mlp_batch()
     tx = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, damping=1e-2,
@@ -113,7 +137,8 @@ class _NaNSolver(gnopt.solvers.AbstractSolver):
 
 def test_a_non_finite_gn_step_falls_back_to_muon_and_does_not_seed_the_next_solve():
     params, batch = mlp_batch()
-    tx = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, solver=_NaNSolver(), gradient="given")
+    tx = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, solver=_NaNSolver(), gradient="given",
+                 muon_step_length="muon")
     ref = muon(0.02)
     step, state = tx.update(grads_of(params, batch), tx.init(params), params, batch=batch)
     expected, _ = ref.update(grads_of(params, batch), ref.init(params), params)
@@ -158,7 +183,7 @@ def test_a_step_that_raises_the_loss_as_predicted_is_cut_back(x64):
     params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
     batch = (batch[0].astype(jnp.float64), batch[1])
     loss = lambda p: float(losses.softmax_cross_entropy(mlp_apply(p, batch[0]), batch[1]))
-    kwargs = dict(damping=1e-2, gradient="given")
+    kwargs = dict(damping=1e-2, gradient="given", muon_step_length="muon")
     tx = pi_muon(mlp_apply, losses.softmax_cross_entropy, 2.0, fusion=fixed_lambda(0.0, 0.0), **kwargs)
     step, state = tx.update(grads_of(params, batch), tx.init(params), params, batch=batch)
     diag = state.diagnostics
@@ -275,6 +300,8 @@ def test_errors():
         pi_muon(mlp_apply, losses.softmax_cross_entropy, rejected="skip")
     with pytest.raises(ValueError, match="gradient"):
         pi_muon(mlp_apply, losses.softmax_cross_entropy, gradient="numerical")
+    with pytest.raises(ValueError, match="muon_step_length"):
+        pi_muon(mlp_apply, losses.softmax_cross_entropy, muon_step_length="fixed")
     with pytest.raises(ValueError, match="correction_limits"):
         pi_muon(mlp_apply, losses.softmax_cross_entropy, correction_limits=(2.0, 4.0))
     with pytest.raises(ValueError, match="batch="):

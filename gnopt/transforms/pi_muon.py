@@ -6,7 +6,12 @@ Our method (design: ``shared/design/algorithms.md`` §3). Per step at ``θ``:
    AdamW on the rest, times the learning rate) — :func:`gnopt.transforms.muon`;
    its gradient comes from the GN solver, which computes it anyway
    (``gradient="solver"``; the trainer's backward pass is then dead code), or
-   is the one passed to ``update`` (``gradient="given"``);
+   is the one passed to ``update`` (``gradient="given"``). By default
+   (``muon_step_length="model"``) ``u`` is then shortened to ``β u``,
+   ``β = clip(−gᵀu / uᵀGu, 0, 1)`` the minimiser of the full-GGN model along
+   ``u`` on the trust batch (one more tangent pass): at batch 1024 Muon's
+   fixed ``η`` made 9 of 16 fused steps uphill by the model's own prediction
+   (``docs/pi_muon.md``, change 9); ``"muon"`` keeps Muon's length;
 2. ``s``: layerwise GN step, ``(G_kk + δI) s_k ≈ −g_k`` (CG by default,
    warm-started), scaled to the length ``α = κ · α*``:
    ``α* = clip(−gᵀs / sᵀGs, 0, 1)`` minimises the full-GGN model along ``s`` on
@@ -32,8 +37,8 @@ Our method (design: ``shared/design/algorithms.md`` §3). Per step at ``θ``:
    Muon's whatever ``λ`` is, so even where the GN model is exact (``ρ = 1``,
    ``λ → 1``) the step is not the GN step and PI-Muon cannot converge like GN on
    a quadratic (measured: tests/test_pi_muon.py). Both forms keep ``λ ≡ 0`` =
-   Muon (bit for bit with ``gradient="given"`` while steps are accepted) and
-   use the same orthogonal split;
+   Muon (bit for bit with ``gradient="given"`` and ``muon_step_length="muon"``
+   while steps are accepted) and use the same orthogonal split;
 5. the trust ratio ``ρ = (L(θ) − L(θ+Δ)) / (q(0) − q(Δ))`` on the step's batch,
    on ``line_search_batch`` when given — a fresh batch: ρ measured on the batch
    the step was built from is optimistic (measured: an accepted ρ = 0.75 on the
@@ -137,6 +142,7 @@ def pi_muon(
     gradient: str = "solver",
     rejected: str = "parabola",
     correction_limits: tuple[float, float] = (0.5, 1.5),
+    muon_step_length: str = "model",
     **muon_kwargs,
 ) -> optax.GradientTransformationExtraArgs:
     """PI-Muon (see the module docstring for the maths).
@@ -162,8 +168,9 @@ def pi_muon(
       gn_step_length: ``"corrected"`` (default), ``"model"`` or ``"solver"``
         (step 2 of the module docstring).
       gradient: ``"solver"`` (default) or ``"given"``: where Muon's gradient
-        comes from (step 1). ``"given"`` with ``λ ≡ 0`` is Muon bit for bit;
-        ``"solver"`` equals it up to rounding (micro-batch sums).
+        comes from (step 1). ``"given"`` with ``λ ≡ 0`` and
+        ``muon_step_length="muon"`` is Muon bit for bit; ``"solver"`` equals
+        it up to rounding (micro-batch sums).
       rejected: ``"parabola"`` (default) or ``"muon"``: the step taken when
         the fused step is rejected (step 6). With ``"parabola"``, ``λ ≡ 0`` is
         Muon only while Muon's steps are accepted.
@@ -171,6 +178,8 @@ def pi_muon(
         decrease is ``κ(2 − κ)`` of its best, so ``κ → 2`` makes ``ρ``
         ill-conditioned (measured at batch 256: ``κ = 1.97`` gave ρ = −44 and
         12 steps to the target instead of 7 with the default ``3/2``).
+      muon_step_length: ``"model"`` (default: ``u`` shortened by the GN
+        model along it, step 1) or ``"muon"`` (``u`` as Muon makes it).
       **muon_kwargs: passed to :func:`gnopt.transforms.muon`.
 
     Returns:
@@ -187,6 +196,9 @@ def pi_muon(
     if gn_step_length not in ("solver", "model", "corrected"):
         raise ValueError("pi_muon: gn_step_length must be 'solver', 'model' or 'corrected', "
                          f"got {gn_step_length!r}")
+    if muon_step_length not in ("muon", "model"):
+        raise ValueError("pi_muon: muon_step_length must be 'muon' or 'model', "
+                         f"got {muon_step_length!r}")
     if not 0 < correction_limits[0] <= 1 <= correction_limits[1]:
         raise ValueError("pi_muon: correction_limits must satisfy 0 < low <= 1 <= high, "
                          f"got {correction_limits}")
@@ -196,8 +208,8 @@ def pi_muon(
     damping = damping_controller() if damping is None else damping
     adaptive = isinstance(damping, PIController)
     base = muon(learning_rate, **muon_kwargs)
-    stat_names = ("lambda", "rho", "gn_scale", "curvature_ratio", "perp_ratio", "damping",
-                  "accepted", "actual_decrease", "predicted_decrease") + solver.stat_names
+    stat_names = ("lambda", "rho", "gn_scale", "muon_scale", "curvature_ratio", "perp_ratio",
+                  "damping", "accepted", "actual_decrease", "predicted_decrease") + solver.stat_names
 
     def init_fn(params):
         return PIMuonState(base.init(params), working_precision(otu.tree_zeros_like(params)),
@@ -221,6 +233,10 @@ def pi_muon(
         model = LinearisedModel(apply_fn, loss_fn, params, trust_batch)
         gn_scale = (jnp.ones(()) if gn_step_length == "solver"
                     else state.length_correction * _line_minimiser(*model.along(s))[1])
+        muon_scale = jnp.ones(())
+        if muon_step_length == "model":
+            muon_scale = _line_minimiser(*model.along(u))[1]
+            u = otu.tree_scale(muon_scale, u)
         scaled = otu.tree_scale(gn_scale, s)
         c, s_perp = split_along(scaled, u)
         if parallel == "interpolate":
@@ -238,6 +254,7 @@ def pi_muon(
         correction = (_length_correction(measured.curvature_ratio, *correction_limits)
                       if gn_step_length == "corrected" else state.length_correction)
         diag = {"lambda": lam, "rho": rho, "damping": delta, "accepted": accept, "gn_scale": gn_scale,
+                "muon_scale": muon_scale,
                 "curvature_ratio": measured.curvature_ratio,
                 "perp_ratio": otu.tree_norm(s_perp) / jnp.maximum(otu.tree_norm(scaled), 1e-30),
                 "actual_decrease": measured.actual, "predicted_decrease": measured.predicted, **stats}
