@@ -1,12 +1,17 @@
 """The benchmark suites in smoke mode (CI size, CPU) and their result files."""
 
 import json
+import os
+import pathlib
+import subprocess
 
 import jax
 import pytest
 
 from gnopt import models
-from gnopt.bench import common, main, runs
+from gnopt.bench import common, cost, gpu, main, runs, steps
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(tmp_path, *args):
@@ -73,6 +78,24 @@ def test_steps_to_target_smoke_several_targets_and_cheaper_line_search(tmp_path)
             == 5 * record["summary"]["adamw"]["tokens_to_target"])
 
 
+def test_steps_to_target_smoke_model_fields_and_decaying_baselines(tmp_path):
+    record = _load(_run(tmp_path, "steps-to-target", "--optimizers", "adamw",
+                        "--model-field", "d_model=16", "--model-field", "n_layers=1",
+                        "--decay-steps", "6") / "steps_to_target.json")
+    assert "d_model=16, n_layers=1," in record["model"]
+    assert record["options"]["decay_steps"] == 6
+
+
+def test_baseline_schedule_ramps_then_holds_or_decays():
+    constant = runs.baseline_schedule(1.0, warmup_steps=4)
+    decaying = runs.baseline_schedule(1.0, warmup_steps=4, decay_steps=20)
+    assert [float(constant(t)) for t in (0, 3, 50)] == pytest.approx([0.25, 1.0, 1.0])
+    assert float(decaying(0)) == pytest.approx(0.25)
+    assert float(decaying(4)) == pytest.approx(1.0)
+    assert float(decaying(12)) == pytest.approx(0.55)  # half-way down the cosine to 0.1
+    assert [float(decaying(t)) for t in (20, 50)] == pytest.approx([0.1, 0.1])
+
+
 def _run_record(lr, losses):
     curve = [{"step": i, "tokens": 10 * i, "wall_s": 0.5 * i, "val_loss": v}
              for i, v in enumerate(losses)]
@@ -103,9 +126,29 @@ def test_batch_scaling_smoke(tmp_path):
     assert len(noise["steps"]) == len(noise["b_simple"]) >= 1  # finite values only
 
 
-def test_gpu_smoke_steps_part(tmp_path):
-    record = _load(_run(tmp_path, "gpu", "--part", "steps") / "steps_tiny.json")
-    assert set(record["summary"]) == {"adamw"}
+def test_the_prepared_device_script_runs_both_gpu_parts(tmp_path):
+    """``scripts/gpu/run.sh --smoke``: the device command, same code at CI size on CPU."""
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu" / "run.sh"), "--smoke"],
+                          env=dict(os.environ, OUT=str(tmp_path)), capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert {r["name"] for r in _load(tmp_path / "cost_tiny.json")["rows"]} >= {"gn_outer"}
+    steps_record = _load(tmp_path / "steps_tiny.json")
+    assert steps_record["complete"] and set(steps_record["summary"]) == {"adamw"}
+    log = (tmp_path / "log.txt").read_text()
+    assert "jax " in log and "wrote " + str(tmp_path / "steps_tiny.json") in log
+
+
+@pytest.mark.parametrize("part", gpu.PARTS)
+def test_the_gpu_presets_are_valid(part):
+    """The full-size GPU presets pass every option check (no GPU needed to find a typo)."""
+    options = gpu.part_options(part, smoke=False, out="unused")
+    if part == "cost":
+        assert cost.check(options).d_model == 512
+    else:
+        chosen, grids = steps.plan(options)
+        assert [opt.name for opt in chosen][:3] == ["gn_full", "muon", "soap"]
+        assert all(grids.values()) and steps.model_config(options).vocab_size == 256
 
 
 @pytest.mark.parametrize("args, message", [
@@ -114,6 +157,10 @@ def test_gpu_smoke_steps_part(tmp_path):
     (["steps-to-target", "--lr", "adamw"], "--lr 'adamw': expected NAME=LR"),
     (["steps-to-target", "--ls-batch", "5"], "--ls-batch 5 must be in 1..4 (the batch)"),
     (["batch-scaling", "--ls-batch", "8"], "--ls-batch 8 must be in 1..4 (the batch)"),
+    (["steps-to-target", "--model-field", "d_model"], "--model-field 'd_model': expected FIELD=VALUE"),
+    (["steps-to-target", "--model-field", "width=3"], "unknown LLaMAConfig field(s) ['width']"),
+    (["steps-to-target", "--decay-steps", "5"], "--decay-steps 5 must exceed --ramp-steps 5"),
+    (["steps-to-target", "--ramp-steps", "-1"], "--ramp-steps -1 must be >= 0"),
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, args, message):
     assert main([*args, "--smoke", "--out", str(tmp_path)]) == 2

@@ -262,13 +262,18 @@ def summarise(rows: list[dict], o, config, params, peak: float | None) -> dict[s
     return {"rows": rows, "ratios": ratios, "flops_per_token": per_token}
 
 
-def run(o, argv: list[str] | None) -> dict[str, Any]:
-    """Runs the suite with resolved options ``o``; returns the result record."""
+def check(o) -> models.LLaMAConfig:
+    """Checks resolved options ``o``; returns the model's config."""
     if o.batch % o.inner_batch:
         raise ValueError(f"--batch {o.batch} must be a multiple of --inner-batch {o.inner_batch}")
     if o.products < 2:
         raise ValueError(f"--products must be >= 2, got {o.products}")
-    config = common.model_config(o.model, dtype=o.dtype, seq_len=o.seq)
+    return common.model_config(o.model, dtype=o.dtype, seq_len=o.seq)
+
+
+def run(o, argv: list[str] | None) -> dict[str, Any]:
+    """Runs the suite with resolved options ``o``; returns the result record."""
+    config = check(o)
     params = models.LLaMA(config, key=jax.random.PRNGKey(0))
     print(f"cost: {models.describe(params)}; batch {o.batch} x {o.seq}, micro-batch "
           f"{o.inner_batch}, line-search batch {o.ls_batch or o.batch}", flush=True)

@@ -1,11 +1,18 @@
 """``gpu`` suite: ``cost`` and ``steps-to-target`` on the 45m model, one GPU.
 
-Sized so each part (``--part cost`` / ``--part steps``) finishes within 10
-minutes on one H100/H200 (estimated from FLOP counts, not yet measured): cost
-at the paper's 45M model (vocabulary 32000) in bf16 on 64 × 1024 tokens;
-steps-to-target with the same model at byte-level vocabulary (256, for the
-default corpus), 256 × 512 tokens per step. ``--smoke`` runs the same code at
-CI size on CPU.
+Sized for the device time a session is lent (15 minutes, machine start-up
+included): both parts in one call of under 10 minutes on one H100/H200,
+``cost`` first (about 3 minutes, compile-bound) and ``steps`` second — a
+time estimate from FLOP counts and CPU compile times, not yet a measurement.
+``cost`` runs the paper's 45M model (vocabulary 32000) in bf16 on 64 × 1024
+tokens. ``steps`` runs the same model at byte-level vocabulary (256, for the
+default corpus) on 256 × 512 tokens per step, to four targets, with the
+optimizers in the order they matter for the step goals (full GN, Muon, SOAP,
+AdamW, layerwise GN, PI-Muon) and a two-point learning-rate grid for the
+first-order ones; its JSON is rewritten after each optimizer, so a call cut
+off at its limit still returns the optimizers it finished.
+``scripts/gpu/run.sh`` is the prepared device command; ``--smoke`` runs the
+same code at CI size on CPU.
 """
 
 from __future__ import annotations
@@ -20,23 +27,34 @@ FULL_PARTS = {
     "cost": dict(cost.FULL, model="45m", dtype="bfloat16", batch=64, seq=1024, inner_batch=8,
                  repeats=5, products=4),
     "steps": dict(steps.FULL, model="45m", vocab_size=256, dtype="bfloat16", seq=512, batch=256,
-                  inner_batch=16, warmup_steps=200, warmup_batch=32, warmup_lr=1e-3,
-                  target=[1.6], max_steps=200, max_gn_steps=30, val_batch=32, val_batches=4),
+                  inner_batch=16, ls_batch=32, warmup_steps=200, warmup_batch=32, warmup_lr=1e-3,
+                  target=[2.2, 2.0, 1.8, 1.6], max_steps=100, max_gn_steps=12, val_batch=32,
+                  val_batches=2,
+                  optimizers=["gn_full", "muon", "soap", "adamw", "gn_layerwise", "pi_muon"],
+                  lr=["gn_full=0.01", "muon=0.02,0.04", "soap=3e-3,6e-3", "adamw=1e-3,3e-3",
+                      "gn_layerwise=0.01", "pi_muon=0.01"]),
 }
 SMOKE_PARTS = {"cost": cost.SMOKE, "steps": dict(steps.SMOKE, optimizers=["adamw"])}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--part", choices=PARTS + ("all",), default="all",
-                        help="which measurement to run (each fits in 10 minutes)")
+                        help="which measurement to run (default: both, sized for one "
+                             "10-minute call)")
+
+
+def part_options(part: str, smoke: bool, out: str) -> argparse.Namespace:
+    """The resolved options of one part (its preset, writing ``out/<part>_<model>.json``)."""
+    preset = (SMOKE_PARTS if smoke else FULL_PARTS)[part]
+    return argparse.Namespace(**{"peak_flops": None, **preset}, out=out,
+                              name=f"{part}_{preset['model']}")
 
 
 def run(o, argv: list[str] | None) -> dict[str, Any]:
     """Runs the chosen parts with the GPU presets; returns their records by part."""
-    presets = SMOKE_PARTS if o.smoke else FULL_PARTS
-    out = {}
-    for part in PARTS if o.part == "all" else (o.part,):
-        options = argparse.Namespace(**{"peak_flops": None, **presets[part]}, out=o.out,
-                                     name=f"{part}_{presets[part]['model']}")
-        out[part] = (cost.run if part == "cost" else steps.run)(options, argv)
-    return out
+    parts = PARTS if o.part == "all" else (o.part,)
+    chosen = {part: part_options(part, o.smoke, o.out) for part in parts}
+    for part, options in chosen.items():  # every part's preset checked before any runs
+        (cost.check if part == "cost" else steps.plan)(options)
+    return {part: (cost.run if part == "cost" else steps.run)(options, argv)
+            for part, options in chosen.items()}

@@ -44,12 +44,26 @@ class Optimizer:
     second_order: bool = False
 
 
-def optimizers(inner_batch: int, warmup_steps: int = 5,
-               ls_stop_at_rise: bool = False) -> dict[str, Optimizer]:
+RAMP_STEPS = 5
+"""Default length of the first-order baselines' linear learning-rate ramp."""
+
+
+def baseline_schedule(lr: float, warmup_steps: int = RAMP_STEPS,
+                      decay_steps: int | None = None) -> optax.Schedule:
+    """Linear ramp over ``warmup_steps``, then constant, or a cosine to ``0.1·lr`` at ``decay_steps``."""
+    if decay_steps is None:
+        return gnopt.transforms.constant(lr, warmup_steps)
+    return gnopt.transforms.warmup_cosine(lr, decay_steps, warmup_steps)
+
+
+def optimizers(inner_batch: int, warmup_steps: int = RAMP_STEPS, ls_stop_at_rise: bool = False,
+               decay_steps: int | None = None) -> dict[str, Optimizer]:
     """The compared optimizers with their default learning-rate grids.
 
     First-order baselines ramp their learning rate linearly over
-    ``warmup_steps`` (their moments restart from zero), then keep it constant.
+    ``warmup_steps`` (their moments restart from zero), then keep it constant
+    or, with ``decay_steps``, decay it by a cosine to 0.1× at that step (and
+    stay there): a horizon to sweep, since annealing lowers the loss sooner.
     Muon's AdamW part (embedding, head, vectors) uses a fixed ``3e-3``.
     GN: inner Muon/Adam with the inner cosine schedule, ``inner_batch``
     sequences per inner step, line search ``{2^(−i/2)}`` with 5 points
@@ -58,7 +72,7 @@ def optimizers(inner_batch: int, warmup_steps: int = 5,
     (``lr`` is the inner learning rate), no damping. ``ls_stop_at_rise``: GN's
     grid search stops at the first rise (:class:`gnopt.line_search.GridLineSearch`).
     """
-    ramp = lambda lr: gnopt.transforms.constant(lr, warmup_steps)
+    ramp = lambda lr: baseline_schedule(lr, warmup_steps, decay_steps)
 
     def gn(solver_fn, curv, points: int):
         return lambda lr: gnopt.gauss_newton(

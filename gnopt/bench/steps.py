@@ -10,7 +10,11 @@ reached. With several ``--target`` values every run goes to the lowest, and
 steps to each target (with the best lr for that target) are read off the same
 curves. ``--ls-batch`` shrinks the fresh batch that GN's line search and
 PI-Muon's trust ratio are scored on; ``--ls-stop-at-rise`` ends GN's grid
-search at the first rise.
+search at the first rise. ``--ramp-steps`` sets the baselines' learning-rate
+ramp; ``--decay-steps T`` gives the first-order baselines
+a cosine decay to step ``T`` instead of a constant learning rate (sweep ``T``
+to check that GN's lead is not the baselines' missing anneal);
+``--model-field d_model=128`` (repeatable) changes the preset's shape.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from gnopt.bench import common, plots, runs
 FULL = dict(model="tiny", vocab_size=None, dtype="float32", seq=64, batch=128, inner_batch=8,
             warmup_steps=150, warmup_batch=16, warmup_lr=3e-3, target=[2.45], max_steps=120,
             max_gn_steps=16, eval_every=1, val_batch=64, val_batches=4, max_bytes=None,
-            optimizers=None, lr=[], ls_batch=None, ls_stop_at_rise=False)
+            optimizers=None, lr=[], ls_batch=None, ls_stop_at_rise=False, model_field=[],
+            ramp_steps=runs.RAMP_STEPS, decay_steps=None)
 SMOKE = dict(FULL, seq=16, batch=4, inner_batch=2, warmup_steps=2, warmup_batch=2, max_steps=2,
              max_gn_steps=2, val_batch=2, val_batches=1, max_bytes=300_000,
              optimizers=["adamw", "gn_layerwise"], lr=["adamw=1e-2", "muon=0.02", "soap=3e-3"])
@@ -35,6 +40,8 @@ SMOKE = dict(FULL, seq=16, batch=4, inner_batch=2, warmup_steps=2, warmup_batch=
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=sorted(models.PRESETS), help="LLaMA preset (tiny)")
     parser.add_argument("--vocab-size", type=int, help="override the preset's vocabulary")
+    parser.add_argument("--model-field", action="append", metavar="FIELD=VALUE",
+                        help="override a field of the preset, e.g. d_model=128 (repeatable)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (float32)")
     parser.add_argument("--seq", type=int, help="tokens per sequence (64)")
     parser.add_argument("--batch", type=int, help="the large batch, in sequences (128)")
@@ -44,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "fresh batch each step (default: --batch, as in the paper)")
     parser.add_argument("--ls-stop-at-rise", action="store_true", default=None,
                         help="GN's grid line search stops at the first rise of the loss")
+    parser.add_argument("--ramp-steps", type=int,
+                        help=f"first-order baselines' linear lr ramp in steps ({runs.RAMP_STEPS})")
+    parser.add_argument("--decay-steps", type=int,
+                        help="first-order baselines decay their lr by a cosine to 0.1x at this "
+                             "step (default: constant after a 5-step ramp)")
     parser.add_argument("--warmup-steps", type=int, help="AdamW warm-up steps (150)")
     parser.add_argument("--warmup-batch", type=int, help="warm-up batch in sequences (16)")
     parser.add_argument("--warmup-lr", type=float, help="warm-up peak learning rate (3e-3)")
@@ -73,6 +85,26 @@ def parse_grids(items: list[str], table: dict[str, runs.Optimizer]) -> dict[str,
     return grids
 
 
+def parse_model_fields(items: list[str]) -> dict[str, Any]:
+    """``["d_model=128", "mlp=swiglu"]`` -> ``{"d_model": 128, "mlp": "swiglu"}`` (numbers parsed)."""
+    fields = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"--model-field {item!r}: expected FIELD=VALUE, e.g. d_model=128")
+        fields[name] = _number_or_text(value)
+    return fields
+
+
+def _number_or_text(value: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def selected(o, table: dict[str, runs.Optimizer]) -> list[runs.Optimizer]:
     names = o.optimizers or list(table)
     unknown = sorted(set(names) - set(table))
@@ -81,10 +113,17 @@ def selected(o, table: dict[str, runs.Optimizer]) -> list[runs.Optimizer]:
     return [table[n] for n in names]
 
 
+def model_config(o) -> models.LLaMAConfig:
+    """The preset with ``--vocab-size`` and ``--model-field`` applied."""
+    overrides = parse_model_fields(o.model_field)
+    if o.vocab_size:
+        overrides["vocab_size"] = o.vocab_size
+    return common.model_config(o.model, dtype=o.dtype, seq_len=o.seq, **overrides)
+
+
 def setup(o) -> tuple[Any, runs.Data, Any, dict]:
     """Model config, corpus, evaluator and warmed-up parameters."""
-    overrides = {"vocab_size": o.vocab_size} if o.vocab_size else {}
-    config = common.model_config(o.model, dtype=o.dtype, seq_len=o.seq, **overrides)
+    config = model_config(o)
     corpus = runs.Data.stdlib(o.seq, val_batch=o.val_batch, val_batches=o.val_batches,
                               max_bytes=o.max_bytes)
     evaluate = runs.make_evaluator(corpus.val_batches)
@@ -98,25 +137,39 @@ def setup(o) -> tuple[Any, runs.Data, Any, dict]:
                                       "warmup": {k: v for k, v in warm.items() if k != "optimizer"}}
 
 
-def run(o, argv: list[str] | None) -> dict[str, Any]:
-    """Runs the suite with resolved options ``o``; returns the result record."""
-    table = runs.optimizers(o.inner_batch, ls_stop_at_rise=o.ls_stop_at_rise)
+def plan(o) -> tuple[list[runs.Optimizer], dict[str, tuple[float, ...]]]:
+    """Checks resolved options ``o``; returns the chosen optimizers and their lr grids."""
+    table = runs.optimizers(o.inner_batch, o.ramp_steps, ls_stop_at_rise=o.ls_stop_at_rise,
+                            decay_steps=o.decay_steps)
     grids = parse_grids(o.lr, table)
     chosen = selected(o, table)
     if o.batch % o.inner_batch:
         raise ValueError(f"--batch {o.batch} must be a multiple of --inner-batch {o.inner_batch}")
     check_ls_batch(o, o.batch)
+    if o.ramp_steps < 0:
+        raise ValueError(f"--ramp-steps {o.ramp_steps} must be >= 0")
+    if o.decay_steps is not None and o.decay_steps <= o.ramp_steps:
+        raise ValueError(f"--decay-steps {o.decay_steps} must exceed --ramp-steps {o.ramp_steps}")
+    model_config(o)
+    return chosen, {opt.name: grids.get(opt.name, opt.learning_rates) for opt in chosen}
+
+
+def run(o, argv: list[str] | None) -> dict[str, Any]:
+    """Runs the suite with resolved options ``o``; returns the result record."""
+    chosen, grids = plan(o)
     params, corpus, evaluate, meta = setup(o)
     results = []
     for opt in chosen:
         cap = o.max_gn_steps if opt.second_order else o.max_steps
-        results.append(runs.sweep(opt, grids.get(opt.name, opt.learning_rates), params, corpus,
+        results.append(runs.sweep(opt, grids[opt.name], params, corpus,
                                   evaluate, batch_size=o.batch, max_steps=cap, targets=o.target,
                                   eval_every=o.eval_every, ls_batch_size=o.ls_batch))
-    summary, by_target = summarise(results), summarise_targets(results)
-    record = {"suite": "steps-to-target", "options": vars_of(o), "target_metric": "val_loss",
-              **meta, "summary": summary, "by_target": by_target, "results": results}
-    path = common.write_result(o.out, o.name, record, argv)
+        # Written after each sweep, so that a run cut off by a time limit keeps what it finished.
+        summary, by_target = summarise(results), summarise_targets(results)
+        record = {"suite": "steps-to-target", "options": vars_of(o), "target_metric": "val_loss",
+                  "complete": len(results) == len(chosen), **meta, "summary": summary,
+                  "by_target": by_target, "results": results}
+        path = common.write_result(o.out, o.name, record, argv)
     plots.loss_curves(results, o.target, path.replace(".json", ".png"),
                       title=f"batch {o.batch} x {o.seq} tokens, best learning rate of each")
     print(steps_table(summary, by_target, o.target))
