@@ -21,7 +21,7 @@ def _run(tmp_path, *args):
 
 def _load(path):
     record = json.loads(path.read_text())
-    assert {"platform", "cpu_count", "devices", "date"} <= set(record["machine"])
+    assert {"platform", "cpu", "cpu_count", "devices", "date"} <= set(record["machine"])
     assert record["command"].startswith("python -m gnopt.bench ")
     assert path.with_suffix(".png").stat().st_size > 1000
     return record

@@ -25,11 +25,37 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 """Dense bf16 peak FLOP/s by device-kind substring (MFU denominators)."""
 
 
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
+
+
+def cpu_model() -> str:
+    """The CPU's model name and SIMD extensions (``/proc/cpuinfo``), e.g. ``"AMD EPYC (avx2 avx512f)"``.
+
+    Recorded because XLA's CPU code, and so the last bits of every float, depends
+    on the instruction set: a run repeats bit for bit on one machine, not across them.
+    """
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not key.strip():
+                    break  # the first processor is enough
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    flags = fields.get("flags", "").split()
+    simd = " ".join(flag for flag in SIMD_FLAGS if flag in flags)
+    name = fields.get("model name") or platform.processor() or "unknown"
+    return f"{name} ({simd})" if simd else name
+
+
 def machine() -> dict[str, Any]:
-    """Where a figure was measured: platform, CPU count, JAX devices, date."""
+    """Where a figure was measured: platform, CPU model and count, JAX devices, date."""
     devices = jax.devices()
     return {
         "platform": platform.platform(),
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
