@@ -5,7 +5,8 @@ included): both parts in one call of under 10 minutes on one H100/H200,
 ``cost`` first (about 3 minutes, compile-bound) and ``steps`` second — a
 time estimate from FLOP counts and CPU compile times, not yet a measurement.
 ``cost`` runs the paper's 45M model (vocabulary 32000) in bf16 on 64 × 1024
-tokens. ``steps`` runs the same model at byte-level vocabulary (256, for the
+tokens, the line search (and PI-Muon's trust ratio) on 8 of them: with all 64,
+PI-Muon's step alone needs about 102 GiB (XLA's buffer assignment). ``steps`` runs the same model at byte-level vocabulary (256, for the
 default corpus) on 256 × 512 tokens per step, to four targets, with the
 optimizers in the order they matter for the step goals (full GN, Muon, SOAP,
 AdamW, layerwise GN, PI-Muon) and a two-point learning-rate grid for the
@@ -25,7 +26,7 @@ from gnopt.bench import cost, steps
 PARTS = ("cost", "steps")
 FULL_PARTS = {
     "cost": dict(cost.FULL, model="45m", dtype="bfloat16", batch=64, seq=1024, inner_batch=8,
-                 repeats=5, products=4),
+                 ls_batch=8, repeats=5, products=4),
     "steps": dict(steps.FULL, model="45m", vocab_size=256, dtype="bfloat16", seq=512, batch=256,
                   inner_batch=16, ls_batch=32, warmup_steps=200, warmup_batch=32, warmup_lr=1e-3,
                   target=[2.2, 2.0, 1.8, 1.6], max_steps=100, max_gn_steps=12, val_batch=32,
