@@ -161,6 +161,8 @@ def test_the_gpu_presets_are_valid(part):
     (["steps-to-target", "--model-field", "width=3"], "unknown LLaMAConfig field(s) ['width']"),
     (["steps-to-target", "--decay-steps", "5"], "--decay-steps 5 must exceed --ramp-steps 5"),
     (["steps-to-target", "--ramp-steps", "-1"], "--ramp-steps -1 must be >= 0"),
+    (["batch-scaling", "--ramp-steps", "2", "--decay-steps", "2"],
+     "--decay-steps 2 must exceed --ramp-steps 2"),
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, args, message):
     assert main([*args, "--smoke", "--out", str(tmp_path)]) == 2

@@ -29,7 +29,7 @@ SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16"
 
 
 def cpu_model() -> str:
-    """The CPU's model name and SIMD extensions (``/proc/cpuinfo``), e.g. ``"AMD EPYC (avx2 avx512f)"``.
+    """The CPU's model name and SIMD extensions, e.g. ``"AMD EPYC (avx2 avx512f)"``.
 
     Recorded because XLA's CPU code, and so the last bits of every float, depends
     on the instruction set: a run repeats bit for bit on one machine, not across them.
@@ -72,12 +72,17 @@ def command_line(argv: list[str] | None) -> str:
 
 
 def write_result(out_dir: str, name: str, figures: dict[str, Any], argv: list[str] | None) -> str:
-    """Writes ``out_dir/name.json`` with machine, date, command and ``figures``."""
+    """Writes ``out_dir/name.json`` with machine, date, command and ``figures``.
+
+    Atomically (a temporary file, then a rename): a run killed at a time limit
+    leaves the last complete record, never a truncated one.
+    """
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
     record = {"machine": machine(), "command": command_line(argv), **figures}
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(record, f, indent=1, default=float)
+    os.replace(path + ".tmp", path)
     return path
 
 

@@ -6,12 +6,13 @@ included): both parts in one call of under 10 minutes on one H100/H200,
 time estimate from FLOP counts and CPU compile times, not yet a measurement.
 ``cost`` runs the paper's 45M model (vocabulary 32000) in bf16 on 64 × 1024
 tokens, the line search (and PI-Muon's trust ratio) on 8 of them: with all 64,
-PI-Muon's step alone needs about 102 GiB (XLA's buffer assignment). ``steps`` runs the same model at byte-level vocabulary (256, for the
-default corpus) on 256 × 512 tokens per step, to four targets, with the
-optimizers in the order they matter for the step goals (full GN, Muon, SOAP,
-AdamW, layerwise GN, PI-Muon) and a two-point learning-rate grid for the
-first-order ones; its JSON is rewritten after each optimizer, so a call cut
-off at its limit still returns the optimizers it finished.
+PI-Muon's step alone needs about 102 GiB (XLA's buffer assignment). ``steps``
+runs the same model at byte-level vocabulary (256, for the default corpus) on
+256 × 512 tokens per step, to four targets, with the optimizers in the order
+they matter for the step goals (full GN, Muon, SOAP, AdamW, layerwise GN,
+PI-Muon) and a two-point learning-rate grid for the first-order ones; its JSON
+is rewritten after each optimizer, so a call cut off at its limit still
+returns the optimizers it finished.
 ``scripts/gpu/run.sh`` is the prepared device command; ``--smoke`` runs the
 same code at CI size on CPU.
 """

@@ -40,7 +40,7 @@ def run(o, argv: list[str] | None) -> dict[str, Any]:
                          f"--inner-batch {o.inner_batch}")
     steps.check_ls_batch(o, sizes[0])
     small = max(1, sizes[-1] // 8)
-    table = runs.optimizers(o.inner_batch, ls_stop_at_rise=o.ls_stop_at_rise)
+    table = steps.optimizer_table(o)
     chosen = [opt.name for opt in steps.selected(o, table)]
     grids = steps.parse_grids(o.lr, table)
     params, corpus, evaluate, meta = steps.setup(o)

@@ -137,19 +137,24 @@ def setup(o) -> tuple[Any, runs.Data, Any, dict]:
                                       "warmup": {k: v for k, v in warm.items() if k != "optimizer"}}
 
 
+def optimizer_table(o) -> dict[str, runs.Optimizer]:
+    """:func:`gnopt.bench.runs.optimizers` with the options' ramp, decay and line search."""
+    if o.ramp_steps < 0:
+        raise ValueError(f"--ramp-steps {o.ramp_steps} must be >= 0")
+    if o.decay_steps is not None and o.decay_steps <= o.ramp_steps:
+        raise ValueError(f"--decay-steps {o.decay_steps} must exceed --ramp-steps {o.ramp_steps}")
+    return runs.optimizers(o.inner_batch, o.ramp_steps, ls_stop_at_rise=o.ls_stop_at_rise,
+                           decay_steps=o.decay_steps)
+
+
 def plan(o) -> tuple[list[runs.Optimizer], dict[str, tuple[float, ...]]]:
     """Checks resolved options ``o``; returns the chosen optimizers and their lr grids."""
-    table = runs.optimizers(o.inner_batch, o.ramp_steps, ls_stop_at_rise=o.ls_stop_at_rise,
-                            decay_steps=o.decay_steps)
+    table = optimizer_table(o)
     grids = parse_grids(o.lr, table)
     chosen = selected(o, table)
     if o.batch % o.inner_batch:
         raise ValueError(f"--batch {o.batch} must be a multiple of --inner-batch {o.inner_batch}")
     check_ls_batch(o, o.batch)
-    if o.ramp_steps < 0:
-        raise ValueError(f"--ramp-steps {o.ramp_steps} must be >= 0")
-    if o.decay_steps is not None and o.decay_steps <= o.ramp_steps:
-        raise ValueError(f"--decay-steps {o.decay_steps} must exceed --ramp-steps {o.ramp_steps}")
     model_config(o)
     return chosen, {opt.name: grids.get(opt.name, opt.learning_rates) for opt in chosen}
 
