@@ -36,6 +36,8 @@ FULL_PARTS = {
                   lr=["gn_full=0.01", "muon=0.02,0.04", "soap=3e-3,6e-3", "adamw=1e-3,3e-3",
                       "gn_layerwise=0.01", "pi_muon=0.01"]),
 }
+CHECKS = {"cost": cost.check, "steps": steps.plan}
+RUNS = {"cost": cost.run, "steps": steps.run}
 SMOKE_PARTS = {"cost": cost.SMOKE, "steps": dict(steps.SMOKE, optimizers=["adamw"])}
 
 
@@ -57,6 +59,5 @@ def run(o, argv: list[str] | None) -> dict[str, Any]:
     parts = PARTS if o.part == "all" else (o.part,)
     chosen = {part: part_options(part, o.smoke, o.out) for part in parts}
     for part, options in chosen.items():  # every part's preset checked before any runs
-        (cost.check if part == "cost" else steps.plan)(options)
-    return {part: (cost.run if part == "cost" else steps.run)(options, argv)
-            for part, options in chosen.items()}
+        CHECKS[part](options)
+    return {part: RUNS[part](options, argv) for part, options in chosen.items()}
