@@ -12,7 +12,15 @@ or, with ``log_space=True`` (for knobs spanning decades, like damping δ),
 ``u_{t+1} = clip(exp(log u_0 + K_p e_t + K_i I_t), u_min, u_max)``.
 
 A non-finite measurement reads as the worst admissible one, ``m* − E`` (a bad
-step), and is always rejected; the state never becomes non-finite.
+step), and is always rejected; so does a *rejected* measurement (below
+``reject_below``, or rejected by the transform, e.g. a line search that found
+no decrease): the knob always moves away from a rejected step (damping rises,
+a fusion weight falls). The state never becomes non-finite.
+
+Every controller here is an :class:`AbstractController`: ``init() -> state``
+(with the knob in ``state.output``) and ``update(state, measurement, accept)
+-> (state, accept)``, the second ``accept`` the controller's decision on the
+measured step, which every gnopt transform honours (the step is not applied).
 
 Anti-windup bound: once saturated at a limit after any history, an error of
 constant magnitude ``|e| > 0`` of the opposite sign brings the integral to the
@@ -23,8 +31,9 @@ whenever ``u_0`` lies strictly inside ``(u_min, u_max)``.
 
 from __future__ import annotations
 
+import abc
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -42,7 +51,46 @@ class PIState(NamedTuple):
     last_error: Array  # e_t of the last update, after sign and clipping (float32)
 
 
-class PIController(eqx.Module):
+class AbstractController(eqx.Module):
+    """A controller of one scalar knob (damping, fusion weight) driven by a
+    measurement of each step (typically the trust ratio ``ρ``).
+
+    Concrete controllers are final classes; gnopt's transforms take any of them.
+    """
+
+    @abc.abstractmethod
+    def init(self) -> Any:
+        """The state before any measurement; ``state.output`` is the first knob."""
+
+    @abc.abstractmethod
+    def update(self, state, measurement, accept=True) -> tuple[Any, Array]:
+        """One controller step.
+
+        Args:
+          state: the previous state.
+          measurement: the scalar measured on the step just taken (may be non-finite).
+          accept: the transform's own verdict on the step (e.g. ``False`` after a
+            line search found no decrease); a rejected step counts as a bad one.
+
+        Returns:
+          ``(new_state, accept)``: ``new_state.output`` is the knob for the next
+          step; ``accept`` (bool scalar) whether to keep the measured step.
+        """
+
+    @property
+    @abc.abstractmethod
+    def rejects(self) -> bool:
+        """Whether the controller rejects steps on its own (not only non-finite ones)."""
+
+
+def _scalar_measurement(name: str, measurement) -> Array:
+    m = jnp.asarray(measurement)
+    if m.shape != ():
+        raise ValueError(f"{name}.update: measurement must be a scalar, got shape {m.shape}")
+    return m.astype(jnp.promote_types(m.dtype, jnp.float32))
+
+
+class PIController(AbstractController):
     """Proportional–integral controller with anti-windup and step rejection.
 
     Attributes:
@@ -100,35 +148,40 @@ class PIController(eqx.Module):
             last_error=jnp.zeros((), jnp.float32),
         )
 
-    def update(self, state: PIState, measurement) -> tuple[PIState, Array]:
+    @property
+    def rejects(self) -> bool:
+        return self.reject_below is not None
+
+    def update(self, state: PIState, measurement, accept=True) -> tuple[PIState, Array]:
         """One controller step.
 
         Args:
           state: the previous :class:`PIState`.
           measurement: scalar measured signal ``m_t`` (may be non-finite).
+          accept: the transform's verdict on the step; ``False`` counts as a bad step.
 
         Returns:
           ``(new_state, accept)``; ``new_state.output`` is the knob for the next
           step and ``accept`` (bool scalar) says whether the measured step should
-          be kept: ``m_t`` finite and, if ``reject_below`` is set, ``m_t ≥ reject_below``.
+          be kept: ``m_t`` finite, ``accept`` given true and, if ``reject_below``
+          is set, ``m_t ≥ reject_below``. A rejected step's error is the worst
+          admissible one, ``−d·E``.
         """
-        m = jnp.asarray(measurement)
-        if m.shape != ():
-            raise ValueError(
-                f"PIController.update: measurement must be a scalar, got shape {m.shape}")
-        m = m.astype(jnp.promote_types(m.dtype, jnp.float32))
+        m = _scalar_measurement("PIController", measurement)
         finite = jnp.isfinite(m)
+        keep = finite & jnp.asarray(accept, bool)
+        if self.reject_below is not None:
+            keep = keep & (m >= self.reject_below)
         limit = self.error_limit
-        raw = jnp.where(finite, jnp.clip(m - self.setpoint, -limit, limit), -limit)
+        raw = jnp.where(keep, jnp.clip(m - self.setpoint, -limit, limit), -limit)
         error = (self.direction * raw).astype(jnp.float32)
         integral = jnp.clip(state.integral + error, -self.integral_limit, self.integral_limit)
         bias = math.log(self.output0) if self.log_space else self.output0
         drive = bias + self.kp * error + self.ki * integral
         output = jnp.exp(drive) if self.log_space else drive
         output = jnp.clip(output, self.output_min, self.output_max)
-        accept = finite if self.reject_below is None else finite & (m >= self.reject_below)
         new_state = PIState(integral, output.astype(jnp.float32), state.steps + 1, error)
-        return new_state, accept
+        return new_state, keep
 
 
 def _integral_span(ki: float, output0: float, low: float, high: float) -> float:
@@ -209,3 +262,67 @@ def damping_controller(
         output_max=damping_max, integral_limit=integral_limit, error_limit=1.0,
         direction=-1, reject_below=reject_below, log_space=True)
 
+
+
+class NielsenState(NamedTuple):
+    """State of :class:`NielsenDamping` (all scalar arrays)."""
+
+    output: Array  # δ for the next step (float32)
+    growth: Array  # ν, the factor of the next rise (float32)
+    steps: Array  # number of updates so far (int32)
+
+
+class NielsenDamping(AbstractController):
+    """Levenberg–Marquardt damping by Nielsen's rule (Nielsen 1999; Madsen,
+    Nielsen & Tingleff 2004, *Methods for non-linear least squares problems*,
+    eq. 3.16 and Algorithm 3.16).
+
+    A step is kept iff its gain ratio ``ρ > reject_below`` (0: the loss fell);
+    then ``δ ← δ · max(1/3, 1 − (2ρ − 1)³)`` and ``ν ← 2``; a rejected step
+    leaves the parameters unchanged and sets ``δ ← ν δ``, ``ν ← 2ν``, so
+    repeated rejections raise ``δ`` geometrically faster. ``δ`` stays in
+    ``[damping_min, damping_max]``.
+
+    Attributes:
+      damping0: initial ``δ``.
+      damping_min, damping_max: limits of ``δ``.
+      reject_below: keep a step only if ``ρ`` exceeds this.
+    """
+
+    damping0: float = eqx.field(static=True, default=1e-3)
+    damping_min: float = eqx.field(static=True, default=1e-12)
+    damping_max: float = eqx.field(static=True, default=1e12)
+    reject_below: float = eqx.field(static=True, default=0.0)
+
+    def __check_init__(self):
+        for name in ("damping0", "damping_min", "damping_max", "reject_below"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"nielsen_damping: {name} must be a finite number, got {value!r}")
+        if not 0 < self.damping_min <= self.damping0 <= self.damping_max:
+            raise ValueError(
+                "nielsen_damping: need 0 < damping_min <= damping0 <= damping_max, got "
+                f"{self.damping_min}, {self.damping0}, {self.damping_max}")
+
+    @property
+    def rejects(self) -> bool:
+        return True
+
+    def init(self) -> NielsenState:
+        return NielsenState(jnp.asarray(self.damping0, jnp.float32), jnp.asarray(2.0, jnp.float32),
+                            jnp.zeros((), jnp.int32))
+
+    def update(self, state: NielsenState, measurement, accept=True) -> tuple[NielsenState, Array]:
+        rho = _scalar_measurement("NielsenDamping", measurement)
+        keep = jnp.isfinite(rho) & (rho > self.reject_below) & jnp.asarray(accept, bool)
+        shrink = jnp.maximum(1.0 / 3.0, 1.0 - (2.0 * jnp.where(keep, rho, 0.0) - 1.0) ** 3)
+        damping = jnp.where(keep, state.output * shrink, state.output * state.growth)
+        damping = jnp.clip(damping, self.damping_min, self.damping_max).astype(jnp.float32)
+        growth = jnp.where(keep, 2.0, jnp.minimum(2.0 * state.growth, 2.0 ** 20)).astype(jnp.float32)
+        return NielsenState(damping, growth, state.steps + 1), keep
+
+
+def nielsen_damping(damping0: float = 1e-3, *, damping_min: float = 1e-12,
+                    damping_max: float = 1e12, reject_below: float = 0.0) -> NielsenDamping:
+    """Levenberg–Marquardt damping with Nielsen's update (see :class:`NielsenDamping`)."""
+    return NielsenDamping(damping0, damping_min, damping_max, reject_below)

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from gnopt.control import PIController, PIState, damping_controller, fusion_weight_controller
+import dataclasses
+
+from gnopt.control import (AbstractController, NielsenState, PIController, PIState,
+                           damping_controller, fusion_weight_controller, nielsen_damping)
 
 
 @st.composite
@@ -64,6 +67,7 @@ def test_output_and_integral_stay_in_bounds(controller, values):
 @given(controllers(), st.sampled_from([1.0, -1.0]), st.floats(0.05, 1.0), st.floats(0.05, 1.0))
 def test_saturates_then_turns_within_anti_windup_bound(controller, sign, push, pull):
     """Constant error e drives u to the limit of e's sign; a reversed error leaves it in time."""
+    controller = dataclasses.replace(controller, reject_below=None)  # rejections: tested below
     low, high = limits(controller)
     limit, away = (high, np.less) if sign > 0 else (low, np.greater)
     saturate = math.ceil(controller.integral_limit / push) + 1
@@ -91,6 +95,63 @@ def test_accept_flag(controller, values):
     if controller.reject_below is not None:
         expected &= m >= np.float32(controller.reject_below)
     np.testing.assert_array_equal(accept, expected)
+
+
+@given(controllers(), measurements, st.lists(st.booleans(), min_size=40, max_size=40))
+def test_a_rejected_step_counts_as_the_worst_error(controller, values, verdicts):
+    """Rejected by the threshold or by the transform, the error is −d·E, so the
+    knob always moves away from a rejected step (damping up, fusion weight down)."""
+    def body(state, xs):
+        m, verdict = xs
+        new, accept = controller.update(state, m, verdict)
+        return new, (accept, new.last_error)
+
+    m = jnp.asarray(values, jnp.float32)
+    _, (accept, errors) = jax.lax.scan(body, controller.init(), (m, jnp.asarray(verdicts[:len(values)])))
+    accept, errors = np.asarray(accept), np.asarray(errors)
+    expected = np.isfinite(np.asarray(m)) & np.asarray(verdicts[:len(values)], bool)
+    if controller.reject_below is not None:
+        expected &= np.asarray(m) >= np.float32(controller.reject_below)
+    np.testing.assert_array_equal(accept, expected)
+    worst = np.float32(-controller.direction * controller.error_limit)
+    np.testing.assert_array_equal(errors[~accept], worst)
+
+
+@given(st.lists(st.floats(-50.0, -0.25, width=32), min_size=1, max_size=12),
+       st.sampled_from(["pi", "nielsen"]))
+def test_damping_rises_after_every_rejection(rhos, kind):
+    """Levenberg–Marquardt: each rejected step (here ρ < 0) raises δ until its limit."""
+    controller = (damping_controller(damping0=1e-3, reject_below=0.0) if kind == "pi"
+                  else nielsen_damping(1e-3))
+    assert isinstance(controller, AbstractController) and controller.rejects
+    state = controller.init()
+    state, _ = controller.update(state, 0.9)  # one good step first
+    for rho in rhos:
+        new, accept = controller.update(state, rho)
+        assert not accept
+        limit = controller.output_max if kind == "pi" else controller.damping_max
+        assert float(new.output) > float(state.output) or float(new.output) == np.float32(limit)
+        state = new
+
+
+def test_nielsen_rule_against_its_published_formula():
+    """Madsen, Nielsen & Tingleff (2004), Algorithm 3.16: μ·max(1/3, 1 − (2ρ−1)³), ν = 2
+    on a kept step; μ·ν, ν ← 2ν on a rejected one."""
+    controller = nielsen_damping(1.0)
+    state = controller.init()
+    mu, nu = 1.0, 2.0
+    for rho in [0.9, 0.2, -1.0, -1.0, jnp.nan, 0.6, 0.01, 1.5]:
+        state, accept = controller.update(state, rho)
+        if rho > 0:
+            mu, nu = mu * max(1 / 3, 1 - (2 * rho - 1) ** 3), 2.0
+        else:
+            mu, nu = mu * nu, 2 * nu
+        assert bool(accept) == (rho > 0)
+        np.testing.assert_allclose(float(state.output), mu, rtol=1e-6)
+        np.testing.assert_allclose(float(state.growth), nu, rtol=1e-6)
+    assert isinstance(state, NielsenState)
+    with pytest.raises(ValueError, match="damping0"):
+        nielsen_damping(float("nan"))
 
 
 def test_nonfinite_measurement_counts_as_worst_error():

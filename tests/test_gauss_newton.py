@@ -1,5 +1,7 @@
 """The ``gauss_newton`` transform: optax contract, chaining, jit, convergence."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,3 +121,144 @@ def test_chunked_line_search_loss_equals_full_batch_loss():
     ref = gnopt.gauss_newton(mlp_apply, losses.softmax_cross_entropy)
     ref_updates, _ = ref.update(None, ref.init(params), params, batch=batch)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), updates, ref_updates)
+
+
+# --- Levenberg–Marquardt: rejected steps are not applied and raise the damping.
+# Jennrich–Sampson (Moré, Garbow & Hillstrom 1981, problem 6): m = 10, x0 = (0.3, 0.4),
+# f* = Σr² = 124.362 at the published minimiser; a problem on which the GN step from x0
+# overshoots badly, so an LM method must reject steps on its way.
+
+def jennrich_sampson(x, inputs):
+    del inputs
+    i = jnp.arange(1.0, 11.0, dtype=x.dtype)
+    return 2 + 2 * i - (jnp.exp(i * x[0]) + jnp.exp(i * x[1]))
+
+
+def half_sum_of_squares(r, targets):
+    del targets
+    return 0.5 * jnp.sum(r ** 2)
+
+
+def run_lm(tx, steps=60):
+    x = jnp.array([0.3, 0.4])
+    batch = (jnp.zeros((10, 1)), jnp.zeros((10,)))
+    step = jax.jit(lambda x, s: tx.update(None, s, x, batch=batch))
+    state, losses_, records = tx.init(x), [], []
+    for _ in range(steps):
+        updates, new_state = step(x, state)
+        records.append((x, updates, state, new_state))
+        x, state = x + updates, new_state
+        losses_.append(float(half_sum_of_squares(jennrich_sampson(x, None), None)))
+    return losses_, records
+
+
+@pytest.mark.parametrize("setting", ["backtracking_pi", "pi_reject", "nielsen"])
+def test_levenberg_marquardt_rejects_and_reaches_the_published_minimum(x64, setting):
+    kwargs = {
+        "backtracking_pi": dict(line_search=gnopt.line_search.backtracking(),
+                                damping=gnopt.control.damping_controller(damping0=1e-3)),
+        "pi_reject": dict(damping=gnopt.control.damping_controller(damping0=1e-3, reject_below=0.0)),
+        "nielsen": dict(damping=gnopt.control.nielsen_damping(1e-3)),
+    }[setting]
+    tx = gnopt.gauss_newton(jennrich_sampson, half_sum_of_squares, solver=gnopt.solvers.cg(max_iters=20),
+                            curvature=gnopt.curvature.full(), **kwargs)
+    losses_, records = run_lm(tx)
+    start = float(half_sum_of_squares(jennrich_sampson(jnp.array([0.3, 0.4]), None), None))
+    assert np.all(np.diff([start] + losses_) <= 1e-9 * start), "a kept step raised the loss"
+    assert 2 * losses_[-1] == pytest.approx(124.362, rel=1e-5)
+    rejected = [r for r in records if not bool(r[3].diagnostics["accepted"])]
+    assert rejected, "Jennrich–Sampson's first GN steps overshoot: some must be rejected"
+    for _, updates, before, after in rejected:
+        assert float(jnp.max(jnp.abs(updates))) == 0.0  # the parameters stay put
+        assert float(after.damping.output) > float(before.damping.output) or \
+            float(after.damping.output) == pytest.approx(float(before.damping.output), rel=1e-6)
+        assert float(after.diagnostics["step_size"]) == 0.0
+    # the next solve uses the raised damping
+    _, _, _, after = rejected[0]
+    nxt = next(r for r in records if r[2] is after)
+    assert float(nxt[3].diagnostics["damping"]) == float(after.damping.output)
+
+
+class CountState(NamedTuple):
+    output: jax.Array
+    count: jax.Array
+
+
+class RejectEveryOther(gnopt.control.AbstractController):
+    """A user's controller: fixed δ, rejects every second step whatever ρ is."""
+
+    def init(self):
+        return CountState(jnp.asarray(1e-3), jnp.zeros((), jnp.int32))
+
+    def update(self, state, measurement, accept=True):
+        keep = (state.count % 2 == 0) & accept
+        return CountState(state.output, state.count + 1), keep
+
+    @property
+    def rejects(self):
+        return True
+
+
+def test_any_controllers_accept_decision_is_honoured():
+    params, batch = problem()
+    tx = gnopt.gauss_newton(mlp_apply, losses.softmax_cross_entropy, solver=gnopt.solvers.cg(max_iters=5),
+                            damping=RejectEveryOther())
+    state = tx.init(params)
+    for k in range(4):
+        updates, state = tx.update(None, state, params, batch=batch)
+        norm = float(optax.tree_utils.tree_norm(updates))
+        assert (norm > 0) == (k % 2 == 0), (k, norm)
+        assert float(state.diagnostics["accepted"]) == float(k % 2 == 0)
+        if k % 2 == 1:  # a rejected step is not retried from its own direction
+            assert float(optax.tree_utils.tree_norm(state.warm_start)) == 0.0
+        params = optax.apply_updates(params, updates)
+
+
+def test_a_rejected_line_search_counts_as_a_rejection_for_the_damping():
+    """α = 0 (no decrease found) raises δ; before, ρ of the zero step read as 1 and δ fell."""
+    params, batch = problem()
+    always_worse = gnopt.line_search.grid(num=1, scale=1e6)  # a huge step: the loss rises
+    ctl = gnopt.control.damping_controller(damping0=1.0)
+    tx = gnopt.gauss_newton(mlp_apply, losses.softmax_cross_entropy, solver=gnopt.solvers.cg(max_iters=5),
+                            line_search=always_worse, damping=ctl)
+    state = tx.init(params)
+    updates, state = tx.update(None, state, params, batch=batch)
+    assert float(optax.tree_utils.tree_norm(updates)) == 0.0
+    assert not bool(state.diagnostics["accepted"])
+    assert float(state.damping.output) > 1.0
+
+
+class NaNDamping(gnopt.control.AbstractController):
+    def init(self):
+        return CountState(jnp.asarray(jnp.nan), jnp.zeros((), jnp.int32))
+
+    def update(self, state, measurement, accept=True):
+        return state, jnp.asarray(accept, bool)
+
+    @property
+    def rejects(self):
+        return False
+
+
+def test_non_finite_damping_is_refused_or_reported():
+    with pytest.raises(ValueError, match="gauss_newton: damping must be a finite number >= 0, got nan"):
+        gnopt.gauss_newton(mlp_apply, losses.softmax_cross_entropy, damping=float("nan"))
+    with pytest.raises(ValueError, match="damping"):
+        gnopt.gauss_newton(mlp_apply, losses.softmax_cross_entropy, damping=-1.0)
+    params, batch = problem()
+    tx = gnopt.gauss_newton(mlp_apply, losses.softmax_cross_entropy, damping=NaNDamping())
+    updates, state = tx.update(None, tx.init(params), params, batch=batch)
+    assert float(optax.tree_utils.tree_norm(updates)) == 0.0
+    assert not bool(state.diagnostics["accepted"])
+    assert np.isnan(float(state.diagnostics["damping"]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(learning_rate="0.1"), "gauss_newton: learning_rate must be a finite number >= 0, got '0.1'"),
+    (dict(learning_rate=-1.0), "gauss_newton: learning_rate must be"),
+    (dict(warm_start=1.5), "gauss_newton: warm_start must be"),
+    (dict(loss_chunk_size=0), "gauss_newton: loss_chunk_size must be an integer >= 1"),
+])
+def test_bad_hyperparameters_name_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        gnopt.gauss_newton(mlp_apply, losses.softmax_cross_entropy, **kwargs)

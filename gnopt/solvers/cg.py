@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
+from gnopt._checks import check_int, check_number
 from gnopt.curvature import blocks as _blocks
 from gnopt.solvers.base import AbstractSolver, working_precision
 
@@ -107,4 +108,8 @@ class ConjugateGradient(AbstractSolver):
 def cg(max_iters: int = 50, tol: float = 1e-4, min_window: int = 10,
        residual_tol: float = 1e-7) -> ConjugateGradient:
     """Hessian-free conjugate gradient (see :class:`ConjugateGradient`)."""
+    check_int("cg", "max_iters", max_iters, low=1)
+    check_number("cg", "tol", tol, low=0.0, low_open=True)
+    check_int("cg", "min_window", min_window, low=1)
+    check_number("cg", "residual_tol", residual_tol, low=0.0)
     return ConjugateGradient(max_iters, tol, min_window, residual_tol)

@@ -6,7 +6,13 @@ One outer step at ``θ0`` on ``batch`` (Abreu et al. 2025, §3; Martens 2010):
    ``G``), by the chosen solver, warm-started from the last solution;
 2. ``α`` by a line search of ``L(θ0 + α·η·Δ)`` on the true loss of
    ``line_search_batch`` (default: the step's batch);
-3. the update ``α·η·Δ`` (``η``: ``learning_rate``, a float or a schedule).
+3. the update ``α·η·Δ`` (``η``: ``learning_rate``, a float or a schedule);
+4. with a damping controller (Levenberg–Marquardt): the trust ratio
+   ``ρ = (L(θ0) − L(θ0 + αηΔ)) / (q(0) − q(αηΔ))`` on ``batch``; the controller
+   sets the next ``δ`` and decides whether the step is kept. A rejected step
+   (the controller's verdict, a line search that found no decrease, a loss
+   that rose, or a non-finite step) is not applied: the update is zero and
+   the damping rises (Moré 1978; Nielsen 1999).
 
 The incoming ``updates`` (gradients) are not used: ``g`` comes from the same
 linearisation as ``G``. Put clipping *after* this transform to clip the step.
@@ -21,7 +27,8 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
-from gnopt.control import PIController, PIState
+from gnopt.control import AbstractController
+from gnopt._checks import check_int, check_learning_rate, check_number
 from gnopt.curvature import AbstractCurvature, full, trust_ratio
 from gnopt.line_search import AbstractLineSearch
 from gnopt.solvers import AbstractSolver, cg, split_microbatches, working_precision
@@ -32,7 +39,7 @@ class GaussNewtonState(NamedTuple):
 
     count: jax.Array  # outer steps taken
     warm_start: Any  # last solution Δ (times the warm-start factor)
-    damping: PIState | None  # damping controller's state (None for a fixed δ)
+    damping: Any  # damping controller's state (None for a fixed δ)
     diagnostics: dict  # scalars of the last step, logged by the trainer
 
 
@@ -72,7 +79,7 @@ def gauss_newton(
     curvature: AbstractCurvature | None = None,
     line_search: AbstractLineSearch | None = None,
     learning_rate: float | optax.Schedule = 1.0,
-    damping: float | PIController = 0.0,
+    damping: float | AbstractController = 0.0,
     warm_start: float = 1.0,
     loss_chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -88,9 +95,11 @@ def gauss_newton(
         or ``backtracking()``; ``None`` takes ``α = 1``.
       learning_rate: outer step size ``η`` (float or schedule of the step count).
       damping: ``δ``, the L2 proximal term on ``Δ`` (Tikhonov damping): a
-        float, or a controller such as :func:`gnopt.control.damping_controller`
-        driven by the trust ratio ``ρ`` of each step (a smooth
-        Levenberg–Marquardt rule; costs one jvp and one forward per step).
+        float ``≥ 0``, or an :class:`gnopt.control.AbstractController` such as
+        :func:`gnopt.control.nielsen_damping` (Levenberg–Marquardt) or
+        :func:`gnopt.control.damping_controller` (a smooth PI rule), driven by
+        the trust ratio ``ρ`` of each step (one jvp and one forward per step),
+        whose accept decision is honoured (step 4 above).
       warm_start: factor on the last solution used as the next initial ``Δ``
         (0 disables warm starts; Martens uses 0.95); after a rejected step
         (``α = 0``) the next solve starts from 0.
@@ -110,13 +119,19 @@ def gauss_newton(
     if not isinstance(curvature, AbstractCurvature):
         raise TypeError(f"gauss_newton: curvature must be gnopt.curvature.full() or layerwise(), got {type(curvature).__name__}")
 
-    adaptive = isinstance(damping, PIController)
+    adaptive = isinstance(damping, AbstractController)
+    if not adaptive:
+        check_number("gauss_newton", "damping", damping, low=0.0)
+    check_learning_rate("gauss_newton", "learning_rate", learning_rate)
+    check_number("gauss_newton", "warm_start", warm_start, low=0.0, high=1.0)
+    if loss_chunk_size is not None:
+        check_int("gauss_newton", "loss_chunk_size", loss_chunk_size, low=1)
 
     def loss_of(params, batch):
         return tree_loss(apply_fn, loss_fn, params, batch, loss_chunk_size)
 
     def init_fn(params):
-        names = ("loss_before", "step_size", "update_norm") + solver.stat_names
+        names = ("loss_before", "step_size", "update_norm", "accepted") + solver.stat_names
         names += line_search.stat_names if line_search is not None else ()
         names += ("damping", "rho") if adaptive else ()
         diag = {name: jnp.zeros((), jnp.float32) for name in names}
@@ -139,17 +154,23 @@ def gauss_newton(
             alpha, ls_stats = line_search.search(
                 lambda a: loss_of(otu.tree_add_scale(params, a, step), ls_batch), loss0,
                 lambda: otu.tree_vdot(jax.grad(loss_of)(params, ls_batch), step))
-        new_updates = otu.tree_cast_like(otu.tree_scale(alpha, step), params)
-        diag = {"loss_before": loss0, "step_size": alpha * eta,
-                "update_norm": otu.tree_norm(new_updates), **stats, **ls_stats}
-        damping_state = state.damping
+        step = otu.tree_scale(alpha, step)
+        # a non-finite solve (e.g. a non-finite adaptive δ) is never applied
+        accept = (alpha > 0) & jnp.isfinite(delta_now) & jnp.isfinite(otu.tree_norm(step))
+        damping_state, diag = state.damping, {}
         if adaptive:
-            rho = trust_ratio(apply_fn, loss_fn, params, batch, new_updates).rho
-            damping_state, _ = damping.update(state.damping, rho)
-            diag |= {"damping": delta_now, "rho": rho}
+            measured = trust_ratio(apply_fn, loss_fn, params, batch, step)
+            if damping.rejects:  # a step that raised the loss is rejected even if predicted
+                accept = accept & (measured.actual >= 0)
+            damping_state, accept = damping.update(state.damping, measured.rho, accept)
+            diag = {"damping": delta_now, "rho": measured.rho}
+        new_updates = otu.tree_cast_like(
+            jax.tree.map(lambda x: jnp.where(accept, x, jnp.zeros_like(x)), step), params)
+        diag |= {"loss_before": loss0, "step_size": jnp.where(accept, alpha * eta, 0.0),
+                 "update_norm": otu.tree_norm(new_updates), "accepted": accept, **stats, **ls_stats}
         diag = {k: jnp.asarray(diag[k], jnp.float32) for k in state.diagnostics}
-        # A rejected step (α = 0) must not be retried from its own direction.
-        warm = working_precision(otu.tree_scale(jnp.where(alpha > 0, warm_start, 0.0), delta))
-        return new_updates, GaussNewtonState(state.count + 1, warm, damping_state, diag)
+        # A rejected step must not be retried from its own direction.
+        warm = jax.tree.map(lambda x: jnp.where(accept, warm_start * x, 0.0), delta)
+        return new_updates, GaussNewtonState(state.count + 1, working_precision(warm), damping_state, diag)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

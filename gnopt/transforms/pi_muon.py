@@ -46,15 +46,19 @@ Our method (design: ``shared/design/algorithms.md`` §3). Per step at ``θ``:
    Steps 2 and 5 share one linearisation on that batch: one primal pass, two
    tangent passes (``Js``, ``JΔ``) and one forward at ``θ + Δ`` — against the
    ten forwards of layerwise GN's grid line search;
-6. ``λ`` for the next step from a :class:`gnopt.control.PIController` on ``ρ``
-   (no line search); optionally the GN damping ``δ`` from a second controller
-   (a smooth Levenberg–Marquardt rule). A step the controller rejects
-   (``ρ < reject_below``, or non-finite) — or, when the controller rejects at
-   all, one that raised the loss on the trust batch even as predicted (both
-   decreases negative give ``ρ > 0``) — is replaced by ``τΔ``, the minimiser
-   of the parabola through ``L(θ)``, ``gᵀΔ`` and ``L(θ + Δ)`` — all measured
-   already, so no extra forward (``rejected="parabola"``) — or by Muon's ``u``
-   (``rejected="muon"``, session 1's rule).
+6. ``λ`` for the next step from a controller on ``ρ``
+   (:class:`gnopt.control.AbstractController`, by default a PI controller; no
+   line search); optionally the GN damping ``δ`` from a second controller
+   (a smooth Levenberg–Marquardt rule). A step is rejected when either
+   controller rejects it (e.g. ``ρ < reject_below``, or non-finite) or when it
+   raised the loss on the trust batch (even as predicted: both decreases
+   negative give ``ρ > 0``); both controllers then see a bad step. The
+   fallback is ``τΔ``, the minimiser of the parabola through ``L(θ)``,
+   ``gᵀΔ`` and ``L(θ + Δ)`` — all measured already (``rejected="parabola"``) —
+   or Muon's ``u`` (``rejected="muon"``). The fallback is kept only if its
+   loss on the same trust batch is below ``L(θ)`` (one more forward, on
+   rejected steps only); otherwise the update is zero. So no kept step raises
+   the trust-batch loss.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
-from gnopt.control import PIController, PIState, damping_controller, fusion_weight_controller
+from gnopt.control import AbstractController, damping_controller, fusion_weight_controller
+from gnopt._checks import check_int, check_learning_rate, check_number
 from gnopt.curvature import AbstractCurvature, LinearisedModel, TrustRatio, layerwise, trust_ratio
 from gnopt.solvers import AbstractSolver, cg, working_precision
 from gnopt.transforms.gauss_newton import require_batch
@@ -78,8 +83,8 @@ class PIMuonState(NamedTuple):
 
     muon: Any  # Muon's state (momentum, AdamW moments)
     gn_warm_start: Any  # last GN solution s
-    fusion: PIState  # λ controller; ``fusion.output`` is the next λ
-    damping: PIState | None  # δ controller's state (None for a fixed δ)
+    fusion: Any  # λ controller's state; ``fusion.output`` is the next λ
+    damping: Any  # δ controller's state (None for a fixed δ)
     length_correction: Any  # κ, the GN step-length correction for the next step
     diagnostics: dict  # λ, ρ, |s⊥|/|s|, solver stats of the last step
 
@@ -133,8 +138,8 @@ def pi_muon(
     *,
     solver: AbstractSolver | None = None,
     curvature: AbstractCurvature | None = None,
-    fusion: PIController | None = None,
-    damping: float | PIController | None = None,
+    fusion: AbstractController | None = None,
+    damping: float | AbstractController | None = None,
     parallel: str = "interpolate",
     gn_warm_start: float = 1.0,
     trust_batch_size: int | None = None,
@@ -206,7 +211,15 @@ def pi_muon(
     curvature = layerwise() if curvature is None else curvature
     fusion = fusion_weight_controller(kp=0.2, reject_below=0.0) if fusion is None else fusion
     damping = damping_controller() if damping is None else damping
-    adaptive = isinstance(damping, PIController)
+    if not isinstance(fusion, AbstractController):
+        raise TypeError(f"pi_muon: fusion must be a gnopt.control controller, got {type(fusion).__name__}")
+    adaptive = isinstance(damping, AbstractController)
+    if not adaptive:
+        check_number("pi_muon", "damping", damping, low=0.0)
+    check_learning_rate("pi_muon", "learning_rate", learning_rate)
+    check_number("pi_muon", "gn_warm_start", gn_warm_start, low=0.0, high=1.0)
+    if trust_batch_size is not None:
+        check_int("pi_muon", "trust_batch_size", trust_batch_size, low=1)
     base = muon(learning_rate, **muon_kwargs)
     stat_names = ("lambda", "rho", "gn_scale", "muon_scale", "curvature_ratio", "perp_ratio",
                   "damping", "accepted", "actual_decrease", "predicted_decrease") + solver.stat_names
@@ -245,12 +258,22 @@ def pi_muon(
             step = jax.tree.map(lambda ul, pl: ul + lam * pl, u, s_perp)
         measured = trust_ratio(apply_fn, loss_fn, params, trust_batch, step, model=model)
         rho = measured.rho
-        fusion_state, accept = fusion.update(state.fusion, rho)
-        if fusion.reject_below is not None:
-            accept = accept & (measured.actual >= 0)
-        damping_state = damping.update(state.damping, rho)[0] if adaptive else None
-        fallback = _parabola_step(measured, step, u) if rejected == "parabola" else u
-        step = jax.tree.map(lambda a, b: jnp.where(accept, a, b), step, fallback)
+        kept = (measured.actual >= 0) & jnp.isfinite(otu.tree_norm(step))
+        fusion_state, accept = fusion.update(state.fusion, rho, kept)
+        if adaptive:
+            damping_state, damping_accept = damping.update(state.damping, rho, accept)
+            accept = accept & damping_accept
+        else:
+            damping_state = None
+
+        def checked_fallback():
+            fallback = _parabola_step(measured, step, u) if rejected == "parabola" else u
+            loss = loss_fn(apply_fn(otu.tree_add(params, otu.tree_cast_like(fallback, params)),
+                                    trust_batch[0]), trust_batch[1])
+            better = jnp.isfinite(loss) & (loss < model.loss())
+            return jax.tree.map(lambda f, s: jnp.where(better, f, 0.0).astype(s.dtype), fallback, step)
+
+        step = jax.lax.cond(accept, lambda: step, checked_fallback)
         correction = (_length_correction(measured.curvature_ratio, *correction_limits)
                       if gn_step_length == "corrected" else state.length_correction)
         diag = {"lambda": lam, "rho": rho, "damping": delta, "accepted": accept, "gn_scale": gn_scale,
