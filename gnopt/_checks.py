@@ -40,6 +40,11 @@ def check_number(where: str, name: str, value, *, low: float | None = None,
 def check_int(where: str, name: str, value, *, low: int | None = None) -> int:
     """An integer ``≥ low``."""
     what = "an integer" + (f" >= {low}" if low is not None else "")
+    if isinstance(value, jax.core.Tracer):
+        return value
+    if isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and np.issubdtype(
+            value.dtype, np.integer):
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (
             low is not None and value < low):
         raise _fail(where, name, what, value)

@@ -39,6 +39,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from gnopt._checks import check_number
+
 Array = jax.Array
 
 
@@ -122,6 +124,13 @@ class PIController(AbstractController):
     log_space: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
+        for name in ("setpoint", "output0", "output_min", "output_max"):
+            check_number("PIController", name, getattr(self, name))
+        if self.reject_below is not None:
+            check_number("PIController", "reject_below", self.reject_below)
+        for name in ("kp", "ki", "integral_limit"):
+            check_number("PIController", name, getattr(self, name), low=0.0)
+        check_number("PIController", "error_limit", self.error_limit, low=0.0, low_open=True)
         if not self.output_min <= self.output0 <= self.output_max:
             raise ValueError(
                 f"PIController: output0={self.output0} must lie in "
@@ -129,13 +138,6 @@ class PIController(AbstractController):
         if self.log_space and not self.output_min > 0:
             raise ValueError(
                 f"PIController: log_space needs output_min > 0, got {self.output_min}")
-        for name in ("kp", "ki", "integral_limit"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"PIController: {name} must be finite and >= 0, got {value}")
-        if not (math.isfinite(self.error_limit) and self.error_limit > 0):
-            raise ValueError(
-                f"PIController: error_limit must be finite and > 0, got {self.error_limit}")
         if self.direction not in (1, -1):
             raise ValueError(f"PIController: direction must be +1 or -1, got {self.direction}")
 
@@ -296,9 +298,7 @@ class NielsenDamping(AbstractController):
 
     def __check_init__(self):
         for name in ("damping0", "damping_min", "damping_max", "reject_below"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"nielsen_damping: {name} must be a finite number, got {value!r}")
+            check_number("nielsen_damping", name, getattr(self, name))
         if not 0 < self.damping_min <= self.damping0 <= self.damping_max:
             raise ValueError(
                 "nielsen_damping: need 0 < damping_min <= damping0 <= damping_max, got "

@@ -11,6 +11,8 @@ import abc
 from typing import Callable, ClassVar
 
 import equinox as eqx
+
+from gnopt._checks import check_int, check_number
 import jax
 import jax.numpy as jnp
 
@@ -125,12 +127,17 @@ class BacktrackingLineSearch(AbstractLineSearch):
 def grid(num: int = 5, scale: float = 1.0, allow_increase: bool = False,
          stop_at_rise: bool = False) -> GridLineSearch:
     """The paper's grid ``{2^(−i/2)}``, ``i < num`` (``stop_at_rise``: see :class:`GridLineSearch`)."""
-    if num < 1:
-        raise ValueError(f"line_search.grid: num must be >= 1, got {num}")
+    check_int("line_search.grid", "num", num, low=1)
+    check_number("line_search.grid", "scale", scale, low=0.0, low_open=True)
     return GridLineSearch(num, scale, allow_increase, stop_at_rise)
 
 
 def backtracking(init: float = 1.0, shrink: float = 0.5, c: float = 1e-4, max_evals: int = 10,
                  allow_increase: bool = False) -> BacktrackingLineSearch:
     """Armijo backtracking from ``init``."""
+    where = "line_search.backtracking"
+    check_number(where, "init", init, low=0.0, low_open=True)
+    check_number(where, "shrink", shrink, low=0.0, low_open=True, high=1.0)
+    check_number(where, "c", c, low=0.0, high=1.0)
+    check_int(where, "max_evals", max_evals, low=1)
     return BacktrackingLineSearch(init, shrink, c, max_evals, allow_increase)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
+from gnopt._checks import check_int, check_number
 from gnopt.schedules import inner_cosine
 from gnopt.solvers.base import AbstractSolver, working_precision
 
@@ -107,14 +108,34 @@ class InnerOptimizer(AbstractSolver):
         return delta, stats, (otu.tree_scale(1.0 / num_steps, g_sum) if with_gradient else None)
 
 
+def _check_optimizer(where: str, optimizer, inner_batch_size) -> None:
+    if not (isinstance(optimizer, optax.GradientTransformation) or callable(optimizer)):
+        raise TypeError(f"{where}: optimizer must be an optax transform or a factory N -> transform, "
+                        f"got {type(optimizer).__name__}")
+    check_int(where, "inner_batch_size", inner_batch_size, low=1)
+
+
 def inner_optimizer(optimizer: OptimizerOrFactory, inner_batch_size: int) -> InnerOptimizer:
     """The paper's solver: an optax optimizer run on the GN quadratic."""
+    _check_optimizer("inner_optimizer", optimizer, inner_batch_size)
     return InnerOptimizer(optimizer, inner_batch_size, "quadratic")
 
 
 def prox_linear(optimizer: OptimizerOrFactory, inner_batch_size: int) -> InnerOptimizer:
     """GN-prox-linear: the same inner loop on the true loss of the linearised model."""
+    _check_optimizer("prox_linear", optimizer, inner_batch_size)
     return InnerOptimizer(optimizer, inner_batch_size, "prox_linear")
+
+
+def _check_inner(where: str, learning_rate, b1, b2, clip, warmup_fraction, **more) -> None:
+    check_number(where, "learning_rate", learning_rate, low=0.0)
+    check_number(where, "b1", b1, low=0.0, high=1.0)
+    check_number(where, "b2", b2, low=0.0, high=1.0)
+    if clip is not None:
+        check_number(where, "clip", clip, low=0.0, low_open=True)
+    check_number(where, "warmup_fraction", warmup_fraction, low=0.0, high=1.0)
+    for name, value in more.items():
+        check_number(where, name, value, low=0.0, high=1.0 if name == "beta" else None)
 
 
 def _inner_schedule(learning_rate, schedule: str, warmup_fraction: float, num_steps: int):
@@ -129,6 +150,7 @@ def inner_adamw(learning_rate: float = 1e-2, *, b1: float = 0.9, b2: float = 0.9
                 clip: float | None = 1.0, schedule: str = "inner_cosine",
                 warmup_fraction: float = 0.1) -> Callable[[int], optax.GradientTransformation]:
     """Inner AdamW factory (paper: betas (0.9, 0.999), clip 1.0, inner cosine)."""
+    _check_inner("inner_adamw", learning_rate, b1, b2, clip, warmup_fraction)
     _inner_schedule(learning_rate, schedule, warmup_fraction, 1)
 
     def make(num_steps: int):
@@ -146,6 +168,8 @@ def inner_muon(learning_rate: float = 1e-2, *, adam_learning_rate: float | None 
     """Inner Muon factory: Muon on hidden matrices, Adam on the rest (the paper's default)."""
     from gnopt.transforms.muon import muon
 
+    extra = {"beta": beta} | ({} if adam_learning_rate is None else {"adam_learning_rate": adam_learning_rate})
+    _check_inner("inner_muon", learning_rate, b1, b2, clip, warmup_fraction, **extra)
     _inner_schedule(learning_rate, schedule, warmup_fraction, 1)
 
     def make(num_steps: int):

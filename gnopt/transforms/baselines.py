@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
+from gnopt._checks import check_int, check_learning_rate, check_number
+
 
 def _warmup_factor(step, warmup_steps: int):
     """Linear warm-up ``min(1, (t + 1)/W)``: the first step is already non-zero."""
@@ -23,10 +25,16 @@ def _warmup_factor(step, warmup_steps: int):
 
 
 def _check(name: str, peak: float, warmup_steps: int):
-    if peak < 0:
-        raise ValueError(f"{name}: learning rate must be >= 0, got {peak}")
-    if warmup_steps < 0:
-        raise ValueError(f"{name}: warmup_steps must be >= 0, got {warmup_steps}")
+    check_number(name, "learning rate", peak, low=0.0)
+    check_int(name, "warmup_steps", warmup_steps, low=0)
+
+
+def _check_adam_like(name: str, learning_rate, b1, b2, weight_decay, eps=0.0):
+    check_learning_rate(name, "learning_rate", learning_rate)
+    check_number(name, "b1", b1, low=0.0, high=1.0)
+    check_number(name, "b2", b2, low=0.0, high=1.0)
+    check_number(name, "weight_decay", weight_decay, low=0.0)
+    check_number(name, "eps", eps, low=0.0)
 
 
 def constant(lr: float, warmup_steps: int = 0) -> optax.Schedule:
@@ -61,6 +69,7 @@ def adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: float =
           eps: float = 1e-8, weight_decay: float = 0.1,
           mask=None) -> optax.GradientTransformationExtraArgs:
     """AdamW (``optax.adamw``); ``mask`` chooses the leaves that decay."""
+    _check_adam_like("adamw", learning_rate, b1, b2, weight_decay, eps)
     return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                        mask=mask)
 
@@ -68,4 +77,5 @@ def adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: float =
 def lion(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: float = 0.99,
          weight_decay: float = 0.1, mask=None) -> optax.GradientTransformationExtraArgs:
     """Lion (``optax.lion``): ``−η (sign(β₁ m + (1 − β₁) g) + λ θ)``."""
+    _check_adam_like("lion", learning_rate, b1, b2, weight_decay)
     return optax.lion(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay, mask=mask)

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import optax
 from jax.scipy.linalg import cho_factor, cho_solve
 
+from gnopt._checks import check_int, check_learning_rate, check_number
 from gnopt import losses
 from gnopt.transforms.shampoo import matmul
 
@@ -285,6 +286,12 @@ def kfac(apply_fn: Callable, loss_fn, learning_rate: optax.ScalarOrSchedule, *,
     (default ``optax.adam(learning_rate)``), which gets the raw gradients.
     ``update`` needs ``params`` and ``batch=(inputs, targets)``.
     """
+    check_learning_rate("kfac", "learning_rate", learning_rate)
+    check_number("kfac", "damping", damping, low=0.0)
+    check_number("kfac", "ema_decay", ema_decay, low=0.0, high=1.0)
+    check_number("kfac", "momentum", momentum, low=0.0, high=1.0)
+    check_int("kfac", "inverse_every", inverse_every, low=1)
+    check_int("kfac", "max_factor_dim", max_factor_dim, low=1)
     fallback = optax.adam(learning_rate) if fallback is None else fallback
     return optax.chain(
         scale_by_kfac(apply_fn, loss_fn, damping=damping, ema_decay=ema_decay,

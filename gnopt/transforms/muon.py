@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gnopt._checks import check_int, check_learning_rate, check_number
+
 Array = jax.Array
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -177,6 +179,15 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, beta: float = 0.95,
         (default :func:`default_is_hidden_matrix`; ``None`` keeps it usable
         under ``optax.inject_hyperparams``, which takes callables for schedules).
     """
+    check_learning_rate("muon", "learning_rate", learning_rate)
+    if adam_learning_rate is not None:
+        check_learning_rate("muon", "adam_learning_rate", adam_learning_rate)
+    for name, value in (("beta", beta), ("adam_b1", adam_b1), ("adam_b2", adam_b2)):
+        check_number("muon", name, value, low=0.0, high=1.0)
+    check_number("muon", "adam_eps", adam_eps, low=0.0)
+    check_number("muon", "weight_decay", weight_decay, low=0.0)
+    check_number("muon", "adam_weight_decay", adam_weight_decay, low=0.0)
+    check_int("muon", "ns_steps", ns_steps, low=1)
     adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
     return optax.partition(
         {"muon": optax.chain(scale_by_muon(beta, nesterov, ns_steps, compute_dtype=compute_dtype),

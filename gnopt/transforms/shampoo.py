@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gnopt._checks import check_int, check_learning_rate, check_number
+
 Array = jax.Array
 
 
@@ -199,6 +201,13 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: float
             precondition: bool = True) -> optax.GradientTransformationExtraArgs:
     """Shampoo (:func:`scale_by_shampoo`), decoupled weight decay scaled by the
     learning rate (as AdamW), then ``−learning_rate``."""
+    check_learning_rate("shampoo", "learning_rate", learning_rate)
+    for name, value in (("b1", b1), ("b2", b2)):
+        check_number("shampoo", name, value, low=0.0, high=1.0)
+    for name, value in (("eps", eps), ("epsilon", epsilon), ("weight_decay", weight_decay)):
+        check_number("shampoo", name, value, low=0.0)
+    check_int("shampoo", "update_frequency", update_frequency, low=1)
+    check_int("shampoo", "max_precond_dim", max_precond_dim, low=1)
     return optax.chain(
         scale_by_shampoo(b1, b2, eps, accumulate=accumulate, epsilon=epsilon,
                          relative_epsilon=relative_epsilon, update_frequency=update_frequency,
