@@ -1,34 +1,63 @@
 """The benchmark suites in smoke mode (CI size, CPU) and their result files."""
 
+import hashlib
 import json
 import os
 import pathlib
 import subprocess
+import sys
+import tempfile
 
 import jax
 import pytest
 
 from gnopt import models
-from gnopt.bench import common, cost, gpu, main, runs, steps
+from gnopt.bench import SUITES, common, cost, gpu, main, runs, steps
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+IN_GIT = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                        capture_output=True).returncode == 0
 
 
-def _run(tmp_path, *args):
-    assert main([*args, "--smoke", "--out", str(tmp_path)]) == 0
-    return tmp_path
+def _results_state():
+    """Every file under the checkout's results/ with its content hash, and git's view of it."""
+    files = {str(p.relative_to(ROOT)): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted((ROOT / "results").rglob("*")) if p.is_file()}
+    status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "results"],
+                            capture_output=True, text=True).stdout if IN_GIT else ""
+    return files, status
+
+
+@pytest.fixture
+def smoke(tmp_path, monkeypatch):
+    """Runs ``python -m gnopt.bench <suite> --smoke`` as a user would: from the checkout's
+    root, with the default result folder; checks that results/ is left unchanged and
+    returns the temporary folder the run wrote to (temporary folders go under tmp_path)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def run(suite, *args):
+        before = _results_state()
+        assert main([suite, *args, "--smoke"]) == 0
+        assert _results_state() == before, "a smoke run changed results/"
+        out, = tmp_path.glob(f"gnopt-bench-{suite}-smoke-*")
+        return out
+
+    return run
 
 
 def _load(path):
     record = json.loads(path.read_text())
     assert {"platform", "cpu", "cpu_count", "devices", "date"} <= set(record["machine"])
     assert record["command"].startswith("python -m gnopt.bench ")
+    if IN_GIT:  # the code's commit, and whether the checkout differed from it
+        assert len(record["commit"]) == 40 and isinstance(record["dirty"], bool)
     assert path.with_suffix(".png").stat().st_size > 1000
     return record
 
 
-def test_cost_smoke(tmp_path):
-    record = _load(_run(tmp_path, "cost") / "cost.json")
+def test_cost_smoke(smoke):
+    record = _load(smoke("cost") / "cost.json")
     rows = {r["name"]: r for r in record["rows"]}
     assert {"gradient", "ggn_product", "ggn_cached_marginal", "adamw_step", "inner_step",
             "adamw_step_B", "gn_outer"} <= set(rows)
@@ -45,9 +74,8 @@ def test_cost_smoke(tmp_path):
     assert all(r["mfu"] is None for r in record["rows"])  # CPU: no known peak
 
 
-def test_steps_to_target_smoke(tmp_path):
-    record = _load(_run(tmp_path, "steps-to-target", "--target", "9.0")
-                   / "steps_to_target.json")
+def test_steps_to_target_smoke(smoke):
+    record = _load(smoke("steps-to-target", "--target", "9.0") / "steps_to_target.json")
     assert record["target_metric"] == "val_loss"
     assert record["warmup"]["steps"] == 2
     summary = record["summary"]
@@ -66,8 +94,14 @@ def test_steps_to_target_smoke(tmp_path):
 
 
 def test_steps_to_target_smoke_several_targets_and_cheaper_line_search(tmp_path):
-    record = _load(_run(tmp_path, "steps-to-target", "--target", "9.0", "9.5",
-                        "--ls-batch", "1", "--ls-stop-at-rise") / "steps_to_target.json")
+    """Also: with an explicit --out, an existing file is replaced only with --overwrite."""
+    old = tmp_path / "steps_to_target.json"
+    old.write_text("{}")
+    args = ["steps-to-target", "--smoke", "--out", str(tmp_path), "--target", "9.0", "9.5",
+            "--ls-batch", "1", "--ls-stop-at-rise"]
+    assert main(args) == 2 and old.read_text() == "{}"
+    assert main([*args, "--overwrite"]) == 0
+    record = _load(old)
     assert list(record["by_target"]) == ["9.5", "9"]
     for rows in record["by_target"].values():
         assert rows["adamw"]["steps_to_target"] == rows["gn_layerwise"]["steps_to_target"] == 1
@@ -79,9 +113,10 @@ def test_steps_to_target_smoke_several_targets_and_cheaper_line_search(tmp_path)
 
 
 def test_steps_to_target_smoke_model_fields_and_decaying_baselines(tmp_path):
-    record = _load(_run(tmp_path, "steps-to-target", "--optimizers", "adamw",
-                        "--model-field", "d_model=16", "--model-field", "n_layers=1",
-                        "--decay-steps", "6") / "steps_to_target.json")
+    assert main(["steps-to-target", "--smoke", "--out", str(tmp_path), "--optimizers", "adamw",
+                 "--model-field", "d_model=16", "--model-field", "n_layers=1",
+                 "--decay-steps", "6"]) == 0
+    record = _load(tmp_path / "steps_to_target.json")
     assert "d_model=16, n_layers=1," in record["model"]
     assert record["options"]["decay_steps"] == 6
 
@@ -117,8 +152,8 @@ def test_best_run_per_target_from_the_curves():
         "wall_s_to_target": None}
 
 
-def test_batch_scaling_smoke(tmp_path):
-    record = _load(_run(tmp_path, "batch-scaling", "--optimizers", "adamw", "--max-steps", "3")
+def test_batch_scaling_smoke(smoke):
+    record = _load(smoke("batch-scaling", "--optimizers", "adamw", "--max-steps", "3")
                    / "batch_scaling.json")
     assert set(record["steps_to_target"]["adamw"]) == {"4", "8"}
     noise = record["noise_scale"]
@@ -126,17 +161,85 @@ def test_batch_scaling_smoke(tmp_path):
     assert len(noise["steps"]) == len(noise["b_simple"]) >= 1  # finite values only
 
 
+SMOKE_TESTED = {"cost", "steps-to-target", "batch-scaling", "gpu"}  # by the tests above and below
+
+
+@pytest.mark.parametrize("suite", sorted(set(SUITES) - SMOKE_TESTED))
+def test_every_other_suite_smokes_into_a_temporary_folder(smoke, suite):
+    """A suite registered later gets the same check: its smoke run leaves results/ alone."""
+    out = smoke(suite)
+    assert any(out.glob("*.json"))
+
+
 def test_the_prepared_device_script_runs_both_gpu_parts(tmp_path):
-    """``scripts/gpu/run.sh --smoke``: the device command, same code at CI size on CPU."""
+    """``scripts/gpu/run.sh --smoke``: the device command, same code at CI size on CPU,
+    with this interpreter (not whatever ``python3`` is on PATH) and its default folder,
+    which for a smoke run is a new temporary one: results/ is left unchanged."""
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env.update(PYTHON=sys.executable, TMPDIR=str(tmp_path))
+    before = _results_state()
     done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu" / "run.sh"), "--smoke"],
-                          env=dict(os.environ, OUT=str(tmp_path)), capture_output=True, text=True,
-                          timeout=900)
+                          env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert {r["name"] for r in _load(tmp_path / "cost_tiny.json")["rows"]} >= {"gn_outer"}
-    steps_record = _load(tmp_path / "steps_tiny.json")
+    assert _results_state() == before, "a smoke run changed results/"
+    out, = tmp_path.glob("gnopt-bench-gpu-smoke-*")
+    assert {r["name"] for r in _load(out / "cost_tiny.json")["rows"]} >= {"gn_outer"}
+    steps_record = _load(out / "steps_tiny.json")
     assert steps_record["complete"] and set(steps_record["summary"]) == {"adamw"}
-    log = (tmp_path / "log.txt").read_text()
-    assert "jax " in log and "wrote " + str(tmp_path / "steps_tiny.json") in log
+    log = (out / "log.txt").read_text()
+    assert "jax " in log and "wrote " + str(out / "steps_tiny.json") in log
+    # Run again into the same folder: refused before anything runs, the log kept.
+    again = subprocess.run(["bash", str(ROOT / "scripts" / "gpu" / "run.sh"), "--smoke"],
+                           env=dict(env, OUT=str(out)), capture_output=True, text=True,
+                           timeout=60)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert (out / "log.txt").read_text() == log
+
+
+@pytest.mark.parametrize("args, existing", [
+    (["cost"], "cost.json"),
+    (["cost", "--name", "mine"], "mine.png"),
+    (["steps-to-target"], "steps_to_target.json"),
+    (["batch-scaling"], "batch_scaling.png"),
+    (["gpu"], "steps_45m.json"),
+    (["gpu", "--part", "cost"], "cost_45m.png"),
+])
+def test_a_full_run_never_replaces_a_result_file(tmp_path, capsys, args, existing):
+    """Refused with exit code 2 and one line, before anything runs (these are full-size)."""
+    (tmp_path / existing).write_text("published")
+    assert main([*args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / existing} exists: pass --overwrite" in err and err.count("\n") == 1
+    assert (tmp_path / existing).read_text() == "published"
+
+
+def test_the_committed_results_are_refused_by_default(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    before = _results_state()
+    assert main(["cost"]) == 2
+    assert "results/cost/cost.json exists: pass --overwrite" in capsys.readouterr().err
+    assert _results_state() == before
+
+
+def test_a_run_may_rewrite_only_its_own_files(tmp_path):
+    with common.output_rule():
+        path = common.write_result(str(tmp_path), "r", {"x": 1}, ["cost"])
+        assert common.write_result(str(tmp_path), "r", {"x": 2}, ["cost"]) == path  # its own
+    with common.output_rule(), pytest.raises(ValueError, match="exists: pass --overwrite"):
+        common.write_result(str(tmp_path), "r", {"x": 3}, ["cost"])
+    with common.output_rule(overwrite=True):
+        common.write_result(str(tmp_path), "r", {"x": 4}, ["cost"])
+    assert json.loads(pathlib.Path(path).read_text())["x"] == 4
+
+
+def test_git_revision_is_recorded_in_a_checkout_and_absent_outside(monkeypatch, tmp_path):
+    revision = common.git_revision()
+    if IN_GIT:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+        assert revision["commit"] == head and isinstance(revision["dirty"], bool)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
+    assert common.git_revision() == {}
 
 
 @pytest.mark.parametrize("part", gpu.PARTS)

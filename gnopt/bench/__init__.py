@@ -1,7 +1,8 @@
-"""Benchmarks: ``python -m gnopt.bench <suite> [--smoke] [--out DIR]``.
+"""Benchmarks: ``python -m gnopt.bench <suite> [--smoke] [--out DIR] [--overwrite]``.
 
-Suites (each writes ``results/<suite>/<name>.json`` with the machine, date and
-exact command, plus a PNG):
+Suites (each writes ``results/<suite>/<name>.json`` with the machine, date,
+exact command and git commit, plus a PNG; an existing file is replaced only
+with ``--overwrite``):
 
 * ``cost``: GGN product / gradient, inner solver step / AdamW step, outer GN
   step / AdamW step per token, peak memory, MFU on GPUs (:mod:`.cost`);
@@ -10,7 +11,9 @@ exact command, plus a PNG):
   scale (:mod:`.scaling`);
 * ``gpu``: the first two on the 45m model, sized for one GPU (:mod:`.gpu`).
 
-``--smoke`` runs a suite at CI size on CPU in seconds (the tests do).
+``--smoke`` runs a suite at CI size on CPU in seconds (the tests do), into a
+new temporary folder (``$TMPDIR/gnopt-bench-<suite>-smoke-XXXXXXXX``), never
+into ``results/`` unless ``--out`` says so.
 """
 
 from gnopt.bench.cli import SUITES, main

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import functools
 import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -71,18 +74,82 @@ def command_line(argv: list[str] | None) -> str:
     return "python -m gnopt.bench " + shlex.join(args)
 
 
-def write_result(out_dir: str, name: str, figures: dict[str, Any], argv: list[str] | None) -> str:
-    """Writes ``out_dir/name.json`` with machine, date, command and ``figures``.
+def git_revision() -> dict[str, Any]:
+    """The commit of the git checkout that holds this ``gnopt``: ``{"commit", "dirty"}``.
 
-    Atomically (a temporary file, then a rename): a run killed at a time limit
-    leaves the last complete record, never a truncated one.
+    ``commit`` is ``git rev-parse HEAD``; ``dirty`` is true when tracked files
+    other than ``results/`` differ from it (the benchmarks' own result files do
+    not count). ``{}`` where gnopt is not a git checkout (an installed wheel) or
+    git is missing.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                              timeout=60, check=True).stdout.strip()
+
+    try:
+        if os.path.realpath(git("rev-parse", "--show-toplevel")) != os.path.realpath(root):
+            return {}  # gnopt installed inside some other repository
+        commit = git("rev-parse", "HEAD")
+        changes = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      ":(exclude)results")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit, "dirty": bool(changes)}
+
+
+@dataclasses.dataclass
+class OutputRule:
+    """Which result files a run may write (see :func:`output_rule`)."""
+
+    overwrite: bool = False
+    written: set[str] = dataclasses.field(default_factory=set)
+    revision: dict[str, Any] | None = None  # git_revision() at the start of the run
+
+
+_rule = OutputRule()
+
+
+@contextlib.contextmanager
+def output_rule(overwrite: bool = False):
+    """One run's rule for result files: never replace an existing file, unless
+    ``overwrite`` (``--overwrite``) or this run wrote it itself (a suite that
+    rewrites its JSON after each optimizer). Also fixes the run's git revision
+    at its start."""
+    global _rule
+    saved, _rule = _rule, OutputRule(overwrite, revision=git_revision())
+    try:
+        yield _rule
+    finally:
+        _rule = saved
+
+
+def check_new(path: str) -> None:
+    """Raises ``ValueError`` if ``path`` exists and the run may not replace it."""
+    if (os.path.exists(path) and not _rule.overwrite
+            and os.path.abspath(path) not in _rule.written):
+        raise ValueError(f"{path} exists: pass --overwrite to replace it, or --out / --name "
+                         f"to write a new file")
+
+
+def write_result(out_dir: str, name: str, figures: dict[str, Any], argv: list[str] | None) -> str:
+    """Writes ``out_dir/name.json`` with machine, date, command, git commit and ``figures``.
+
+    Refuses (``ValueError``) to replace a file that this run did not write,
+    unless the run allows it (:func:`output_rule`). Atomically (a temporary
+    file, then a rename): a run killed at a time limit leaves the last complete
+    record, never a truncated one.
     """
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
-    record = {"machine": machine(), "command": command_line(argv), **figures}
+    check_new(path)
+    revision = git_revision() if _rule.revision is None else _rule.revision
+    record = {"machine": machine(), "command": command_line(argv), **revision, **figures}
     with open(path + ".tmp", "w") as f:
         json.dump(record, f, indent=1, default=float)
     os.replace(path + ".tmp", path)
+    _rule.written.add(os.path.abspath(path))
     return path
 
 

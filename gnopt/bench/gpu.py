@@ -1,7 +1,7 @@
 """``gpu`` suite: ``cost`` and ``steps-to-target`` on the 45m model, one GPU.
 
-Sized for the device time a session is lent (15 minutes, machine start-up
-included): both parts in one call of under 10 minutes on one H100/H200,
+Sized for a budget of 15 minutes of GPU-machine time, machine start-up
+included: both parts in one call of under 10 minutes on one H100/H200,
 ``cost`` first (about 3 minutes, compile-bound) and ``steps`` second — a
 time estimate from FLOP counts and CPU compile times, not yet a measurement.
 ``cost`` runs the paper's 45M model (vocabulary 32000) in bf16 on 64 × 1024
@@ -14,12 +14,15 @@ PI-Muon) and a two-point learning-rate grid for the first-order ones; its JSON
 is rewritten after each optimizer, so a call cut off at its limit still
 returns the optimizers it finished.
 ``scripts/gpu/run.sh`` is the prepared device command; ``--smoke`` runs the
-same code at CI size on CPU.
+same code at CI size on CPU. Each part writes ``<out>/<part>_<model>.json`` and
+``.png`` (default ``results/gpu/cost_45m.json`` and ``steps_45m.json``), under
+the same rule as every suite: an existing file is replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from gnopt.bench import cost, steps
@@ -52,6 +55,13 @@ def part_options(part: str, smoke: bool, out: str) -> argparse.Namespace:
     preset = (SMOKE_PARTS if smoke else FULL_PARTS)[part]
     return argparse.Namespace(**{"peak_flops": None, **preset}, out=out,
                               name=f"{part}_{preset['model']}")
+
+
+def outputs(o) -> list[str]:
+    """The files the chosen parts write (checked before any part runs)."""
+    parts = PARTS if o.part == "all" else (o.part,)
+    names = [part_options(part, o.smoke, o.out).name for part in parts]
+    return [os.path.join(o.out, name + ext) for name in names for ext in (".json", ".png")]
 
 
 def run(o, argv: list[str] | None) -> dict[str, Any]:
