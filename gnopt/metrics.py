@@ -1,8 +1,10 @@
 """Training metrics: ``metrics.jsonl`` (one JSON object per logged step).
 
 Every record has ``step`` and whatever the trainer logs (``loss``, ``tokens``,
-``wall_s``, ``val_loss``, ``nonfinite_skipped``, optimizer diagnostics; scalars
-are numbers, array diagnostics such as a per-iteration history are lists).
+``wall_s``, ``val_loss``, ``skipped`` (this step was rejected as non-finite),
+``nonfinite_skipped`` (rejected steps so far), optimizer diagnostics; scalars
+are numbers, array diagnostics such as a per-iteration history are lists). The
+file is strict JSON Lines: a NaN or infinite value is written as ``null``.
 Optimizer states expose diagnostics as a NamedTuple field named ``diagnostics``
 holding a ``dict[str, scalar]``; :func:`find_diagnostics` collects all of them.
 """
@@ -37,9 +39,24 @@ def find_diagnostics(opt_state: Any) -> dict[str, Any]:
     return found
 
 
-def to_json_value(value) -> float | int | bool | list:
-    """An array / numpy / Python value as a plain Python number (or nested list)."""
-    return np.asarray(value).tolist()
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    return value
+
+
+def to_json_value(value) -> float | int | bool | list | None:
+    """An array / numpy / Python value as a plain Python number (or nested list);
+    NaN and infinities become ``None`` (JSON ``null``)."""
+    return _finite_or_none(value if value is None else np.asarray(value).tolist())
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    return json.dumps({k: to_json_value(v) for k, v in record.items()}, allow_nan=False) + "\n"
 
 
 class MetricsLog:
@@ -55,17 +72,19 @@ class MetricsLog:
         self.path = os.path.join(run_dir, METRICS_FILE)
         kept = [r for r in read_metrics(run_dir) if r["step"] <= resume_step]
         with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+            f.writelines(_json_line(r) for r in kept)
 
     def write(self, record: dict[str, Any]) -> None:
-        """Appends one record (values converted to Python scalars) and flushes."""
-        line = json.dumps({k: to_json_value(v) for k, v in record.items()})
+        """Appends one record (values converted to Python scalars, non-finite ones to
+        ``None``) and flushes."""
+        line = _json_line(record)
         with open(self.path, "a") as f:
-            f.write(line + "\n")
+            f.write(line)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of a run, in file order (``[]`` if it has none yet)."""
+    """All records of a run, in file order (``[]`` if it has none yet); ``null`` values
+    are ``None`` (files of older versions may hold ``NaN``, which is read as NaN)."""
     path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.exists(path):
         return []
@@ -74,7 +93,8 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def column(records: list[dict[str, Any]], key: str, x: str = "step") -> tuple[list, list]:
-    """``(xs, ys)`` of the records that have a finite ``key``."""
+    """``(xs, ys)`` of the records that have a finite ``key`` (``null``: left out)."""
     pairs = [(r[x], r[key]) for r in records
-             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+             if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+             and math.isfinite(r[key]) and isinstance(r.get(x), (int, float))]
     return [p[0] for p in pairs], [p[1] for p in pairs]

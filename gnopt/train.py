@@ -4,21 +4,40 @@
 
     python -m gnopt.train --gin_file gin/quickstart.gin [--gin_file more.gin]
         [--gin_param 'train.num_steps = 50' ...] [--run_dir runs/x]
-        [--dry_run | --shapes_only]
+        [--dry_run | --shapes_only] [--restart] [--allow_config_change]
 
 A thin driver: batches from :mod:`gnopt.data`, one jitted step, metrics to
-``RUN_DIR/metrics.jsonl``, the gin operative config to ``RUN_DIR/config.gin``,
-checkpoints (orbax, atomic, checksummed) to ``RUN_DIR/checkpoints``. Re-running
-the same command with the same run folder resumes from the newest intact
-checkpoint (a corrupt one is moved aside with a warning); on one machine the
-resumed run repeats the uninterrupted one bit for bit. ``train.init_from``
-starts a new run from another run's parameters (fresh optimizer state, step 0).
+``RUN_DIR/metrics.jsonl`` (strict JSON Lines: non-finite values are ``null``),
+the gin operative config to ``RUN_DIR/config.gin`` (and every config the run
+used to ``RUN_DIR/configs/from_step_<k>.gin``), checkpoints (orbax, atomic,
+checksummed) to ``RUN_DIR/checkpoints``. Re-running the same command with the
+same run folder resumes from the newest intact checkpoint (a corrupt one is
+moved aside with a warning); on one machine the resumed run repeats the
+uninterrupted one bit for bit. A resume whose operative config differs from the
+one its checkpoint was made with is refused with the differences unless
+``--allow_config_change``
+(settings that do not change a step, e.g. ``train.mesh``, ``train.log_every``,
+``train.eval_every``, do not count); a folder with metrics but no checkpoint to
+resume is refused unless ``--restart`` (which deletes the earlier run).
+``train.init_from`` starts a new run from another run's parameters (fresh
+optimizer state, step 0).
+
+Before any compute every token id of every shard (train and validation) is
+checked against the model's output size (one memory-mapped pass, cached).
+
+gin files: ``include 'x.gin'`` is looked up next to the including file, then in
+the repository's ``gin/`` folder (:data:`GIN_DIR`), then in gin's search path;
+``--gin_file`` names likewise (current folder first).
 
 The step (:func:`make_train_step`): ``loss, g = value_and_grad(L)(θ)``;
 ``u, s' = tx.update(g, s, θ, batch=batch, line_search_batch=...)``;
 ``θ' = θ + u``. If the loss, ``u`` or (for first-order optimizers) ``g`` is not
-finite, ``θ`` and ``s`` are kept unchanged; the run counts such steps and stops
-after ``max_nonfinite_in_a_row`` of them in a row.
+finite, ``θ`` and ``s`` are kept unchanged; the run counts such steps (``skipped``
+and ``nonfinite_skipped`` in the metrics, and in the summary line), stops after
+``max_nonfinite_in_a_row`` of them in a row (saving a checkpoint, which holds
+the last finite state, and naming which of loss, gradient and update was not
+finite, and the first such parameter), and fails at its end if more than
+``max_skipped_fraction`` of its steps were rejected.
 
 Scale-out (:mod:`gnopt.distributed`): the step runs on a ``(data, fsdp)`` mesh
 (``train.mesh``; default: every device on ``data``); the batch is split over
@@ -37,8 +56,9 @@ pass; the trainer then only adds one forward pass for the logged loss.
 ``tokens`` counts every token drawn from the training stream (all processes),
 the line-search batches of ``line_search_batch="next"`` included.
 
-Exit codes (:func:`main`): 0 done; 1 stopped on non-finite steps; 2 bad
-configuration (one line on stderr, nothing computed); 3 a token shard vanished
+Exit codes (:func:`main`): 0 done; 1 stopped on non-finite steps, or more than
+``train.max_skipped_fraction`` of the steps skipped; 2 bad configuration or run
+folder (one line on stderr, nothing computed); 3 a token shard vanished
 (checkpoint saved: put it back and re-run); 4 no intact checkpoint to resume
 from; 143 stopped by SIGTERM (checkpoint saved at the current step: re-run to
 resume).
@@ -54,10 +74,12 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -67,6 +89,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import optax.tree_utils as otu
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import gin
@@ -79,7 +102,7 @@ from gnopt.checkpoint import (
     CheckpointMismatchError,
 )
 from gnopt.losses import softmax_cross_entropy
-from gnopt.metrics import MetricsLog, find_diagnostics
+from gnopt.metrics import METRICS_FILE, MetricsLog, find_diagnostics, read_metrics
 from gnopt.solvers import split_microbatches
 
 CONFIG_FILE = "config.gin"
@@ -99,6 +122,11 @@ class NonFiniteError(RuntimeError):
 
 class DataSourceError(RuntimeError):
     """A token shard of the training data vanished during the run."""
+
+
+class RunDirError(RuntimeError):
+    """The run folder cannot be used as asked (a file, an earlier run in the way, another
+    config): reported as one line before any training step."""
 
 
 def apply_model(model, inputs, tap=None):
@@ -160,11 +188,23 @@ def build_optimizer(optimizer: Callable, *, loss_fn: Callable, total_steps: int,
     return optax.with_extra_args_support(tx), second_order
 
 
-def all_finite(tree) -> jax.Array:
-    """Whether every float leaf of ``tree`` is finite (a scalar bool)."""
+def finite_leaves(tree) -> jax.Array:
+    """Per float leaf of ``tree`` (in ``jax.tree.leaves`` order): whether it is finite."""
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
               if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
+    return jnp.stack(leaves) if leaves else jnp.ones((0,), bool)
+
+
+def all_finite(tree) -> jax.Array:
+    """Whether every float leaf of ``tree`` is finite (a scalar bool)."""
+    return finite_leaves(tree).all()
+
+
+def float_leaf_names(tree) -> list[str]:
+    """Paths (``jax.tree_util.keystr``) of the float leaves of ``tree``, as :func:`finite_leaves`
+    orders them."""
+    return [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
 
 
 def chunked_value_and_grad(loss_fn: Callable, params, batch, chunk_size: int | None = None):
@@ -187,7 +227,8 @@ def chunked_value_and_grad(loss_fn: Callable, params, batch, chunk_size: int | N
 
 def make_train_step(tx: optax.GradientTransformationExtraArgs, loss_fn: Callable, *,
                     check_grads: bool = True, chunk_size: int | None = None,
-                    shardings: dist.StepShardings | None = None) -> Callable:
+                    shardings: dist.StepShardings | None = None,
+                    explain: bool = False) -> Callable:
     """The jitted step ``(θ, s, batch, ls_batch) -> (θ', s', loss, ok, diagnostics)``.
 
     ``θ`` and ``s`` are donated. ``ok`` is whether the loss, the update and (if
@@ -196,17 +237,26 @@ def make_train_step(tx: optax.GradientTransformationExtraArgs, loss_fn: Callable
     rejected step (they say what went wrong). ``chunk_size``: see
     :func:`chunked_value_and_grad`. ``shardings``: where the inputs must be and
     the outputs are put (``θ'``, ``s'`` keep those of ``θ``, ``s``; scalars are
-    replicated); ``None``: wherever the inputs are.
+    replicated); ``None``: wherever the inputs are. ``explain``: ``ok`` is a
+    dict instead: ``"ok"`` (as above), ``"loss"`` (a bool), ``"updates"`` and,
+    with ``check_grads``, ``"grads"`` (one bool per float leaf, see
+    :func:`finite_leaves`): which quantity was not finite.
     """
 
     def step(params, opt_state, batch, line_search_batch):
         loss, grads = chunked_value_and_grad(loss_fn, params, batch, chunk_size)
         updates, new_state = tx.update(grads, opt_state, params, batch=batch,
                                        line_search_batch=line_search_batch)
-        ok = all_finite((loss, updates, grads) if check_grads else (loss, updates))
+        checks = {"loss": jnp.all(jnp.isfinite(loss)), "updates": finite_leaves(updates)}
+        if check_grads:
+            checks["grads"] = finite_leaves(grads)
+        ok = jnp.stack([c.all() for c in checks.values()]).all()
+        if explain:
+            ok = {"ok": ok, **checks}
         new_params = optax.apply_updates(params, updates)
-        return (otu.tree_where(ok, new_params, params), otu.tree_where(ok, new_state, opt_state),
-                loss, ok, find_diagnostics(new_state))
+        keep = ok["ok"] if explain else ok
+        return (otu.tree_where(keep, new_params, params),
+                otu.tree_where(keep, new_state, opt_state), loss, ok, find_diagnostics(new_state))
 
     if shardings is None:
         return jax.jit(step, donate_argnums=(0, 1))
@@ -245,15 +295,45 @@ _CHOICE_OPTIONS = {"line_search_batch": ("same", "next"), "target_metric": ("val
                    "mode": ("train", "dry_run", "shapes")}
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_))
+
+
 def _check_options(options: dict[str, Any]) -> None:
     """Raises a ConfigError naming the first bad ``train`` argument in ``options``."""
     for name in _POSITIVE_OPTIONS:
-        if not isinstance(options[name], int) or options[name] <= 0:
+        if not _is_int(options[name]) or options[name] <= 0:
             raise ConfigError(f"train.{name} must be a positive int, got {options[name]!r}")
     for name in _COUNT_OPTIONS:
-        if not isinstance(options[name], int) or options[name] < 0:
+        if not _is_int(options[name]) or options[name] < 0:
             raise ConfigError(f"train.{name} must be an int >= 0 (0: never), "
                               f"got {options[name]!r}")
+    if not _is_int(options["seed"]):
+        raise ConfigError(f"train.seed must be an int, got {options['seed']!r}")
+    if not isinstance(options["shuffle"], (bool, np.bool_)):
+        raise ConfigError(f"train.shuffle must be True or False, got {options['shuffle']!r}")
+    fraction = options["max_skipped_fraction"]
+    if not _is_real(fraction) or not 0 <= fraction <= 1:
+        raise ConfigError(f"train.max_skipped_fraction must be a number in [0, 1], "
+                          f"got {fraction!r}")
+    target = options["target_loss"]
+    if target is not None and (not _is_real(target) or math.isnan(target)):
+        raise ConfigError(f"train.target_loss must be a number or None, got {target!r}")
+    for name in ("data", "loss_fn"):
+        if not callable(options[name]):
+            raise ConfigError(f"train.{name} must be a function or gin reference "
+                              f"(@name), got {options[name]!r}")
+    for name in ("model", "val_data"):
+        if options[name] is not None and not callable(options[name]):
+            raise ConfigError(f"train.{name} must be a gin reference (@name) or None, "
+                              f"got {options[name]!r}")
+    if options["run_dir"] is not None and not isinstance(options["run_dir"], (str, os.PathLike)):
+        raise ConfigError(f"run_dir must be a path, got {options['run_dir']!r}")
     for name, allowed in _CHOICE_OPTIONS.items():
         if options[name] not in allowed:
             raise ConfigError(f"train.{name} must be one of {allowed}, got {options[name]!r}")
@@ -328,15 +408,20 @@ def _load_tokens(data: Callable, val_data: Callable | None):
     return train_tokens, data(split="validation")
 
 
-def _check_vocab(params, tokens, *, seq_len: int, batches: int = 8) -> None:
-    """Token ids of a sample of windows must be below the model's output size."""
-    sample = data_lib.validation_batches(tokens, seq_len=seq_len, batch_size=1,
-                                         num_batches=batches)
-    vocab = jax.eval_shape(apply_model, params, sample[0][0]).shape[-1]
-    top = max(int(np.max(b)) for batch in sample for b in batch)
-    if top >= vocab:
-        raise ConfigError(f"the data has token id {top} but the model's output has only {vocab} "
-                          "classes (set the model's vocab_size)")
+def _check_vocab(params, sources: dict[str, Any], *, seq_len: int) -> None:
+    """Every token id of every shard of ``sources`` (``{"train": tokens, ...}``) must be below
+    the model's output size (one pass over the data, see :func:`gnopt.data.max_token_ids`)."""
+    inputs = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    vocab = jax.eval_shape(apply_model, params, inputs).shape[-1]
+    for split, tokens in sources.items():
+        if np.issubdtype(tokens.dtype, np.unsignedinteger) and np.iinfo(tokens.dtype).max < vocab:
+            continue  # no id of this type can reach the vocabulary size
+        for filename, top in data_lib.max_token_ids(tokens):
+            if top >= vocab:
+                where = f"token shard {filename}" if filename else f"the {split} data"
+                raise ConfigError(f"{where} has token id {top} but the model's output has only "
+                                  f"{vocab} classes (set the model's vocab_size, e.g. "
+                                  "gnopt.models.llama_config.vocab_size)")
 
 
 def _process_rows(batch):
@@ -385,6 +470,204 @@ def _sigterm_received():
         signal.signal(signal.SIGTERM, previous)
 
 
+CONFIGS_DIR = "configs"
+"""``RUN_DIR/configs/from_step_<k>.gin``: the operative config of steps ``k, k+1, …`` (until
+the next such file); ``config.gin`` is a copy of the newest."""
+_CONFIG_HISTORY = re.compile(r"from_step_(\d+)\.gin$")
+# Arguments of train() that do not change what a step computes: changing them on resume needs
+# no --allow_config_change (the new config is still recorded under configs/).
+_NEUTRAL_OPTIONS = ("mesh", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every",
+                    "eval_batches", "target_loss", "target_metric", "max_nonfinite_in_a_row",
+                    "max_skipped_fraction")
+
+
+def _check_run_dir(run_dir: str) -> None:
+    """``run_dir`` must be a folder or creatable as one (checked before any data or compute)."""
+    path = os.path.abspath(run_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RunDirError(f"--run_dir {run_dir} is a file, not a folder")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise RunDirError(f"--run_dir {run_dir}: {parent} is a file, not a folder")
+    if not os.access(path if os.path.isdir(path) else parent, os.W_OK | os.X_OK):
+        raise RunDirError(f"--run_dir {run_dir}: no permission to write in "
+                          f"{path if os.path.isdir(path) else parent}")
+
+
+def _checkpoint_steps(run_dir: str) -> list[int]:
+    """The step folders in ``run_dir/checkpoints`` (not verified)."""
+    folder = os.path.join(run_dir, CHECKPOINT_DIR)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+
+
+def _check_earlier_run(run_dir: str) -> None:
+    """Refuses a run folder holding metrics of an earlier run but no checkpoint to resume:
+    starting again would replace them (``--restart`` does so on purpose)."""
+    if _checkpoint_steps(run_dir) or not os.path.isfile(os.path.join(run_dir, METRICS_FILE)):
+        return
+    try:
+        records = read_metrics(run_dir)
+    except ValueError:
+        records = [{"step": "?"}]
+    if not records:
+        return
+    corrupt = os.path.join(os.path.abspath(run_dir), CHECKPOINT_DIR) + "-corrupt"
+    damaged = (f" (the damaged ones are in {corrupt})" if os.path.isdir(corrupt) else "")
+    raise RunDirError(
+        f"{run_dir} holds an earlier run ({METRICS_FILE} to step {records[-1].get('step')}) but no "
+        f"intact checkpoint to resume from{damaged}; re-run with --restart to start it over from "
+        "step 0 (its metrics and checkpoints are deleted), or give another --run_dir")
+
+
+def _clear_run(run_dir: str) -> list[str]:
+    """Deletes what an earlier run wrote to ``run_dir`` (``--restart``); returns what was there."""
+    names = [METRICS_FILE, CONFIG_FILE, CONFIGS_DIR, CHECKPOINT_DIR, CHECKPOINT_DIR + "-corrupt"]
+    found = [name for name in names if os.path.exists(os.path.join(run_dir, name))]
+    if jax.process_index() == 0:
+        for name in found:
+            path = os.path.join(run_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("gnopt_restart_cleared")
+    return found
+
+
+def _bindings(config: str) -> dict[str, str]:
+    """``{name: value}`` of the bindings of a gin operative config (comments dropped,
+    multi-line values joined, whitespace collapsed)."""
+    bindings: dict[str, str] = {}
+    name = None
+    for line in config.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = re.match(r"([A-Za-z_][\w./]*)\s*=\s*(.*)$", line)
+        if match and not line[0].isspace():
+            name = match[1]
+            bindings[name] = match[2].strip()
+        elif name is not None:
+            bindings[name] += " " + line.strip()
+    return {k: " ".join(v.split()) for k, v in bindings.items()}
+
+
+def _resolve_macros(bindings: dict[str, str]) -> dict[str, str]:
+    """``bindings`` with each ``%MACRO`` replaced by its value and the macros dropped, so that
+    what is compared is what each configurable got."""
+    macros = {name for name in bindings
+              if any(re.search(rf"%{re.escape(name)}\b", v) for v in bindings.values())}
+    resolved = {k: v for k, v in bindings.items() if k not in macros}
+    for _ in range(10):  # macros of macros
+        for name in macros:
+            pattern = re.compile(rf"%{re.escape(name)}\b")
+            resolved = {k: pattern.sub(lambda _: bindings[name], v) for k, v in resolved.items()}
+    return resolved
+
+
+def _neutral(name: str, neutral: tuple[str, ...]) -> bool:
+    match = re.fullmatch(r"(?:gnopt\.)?train\.(\w+)", name)
+    return bool(match and match[1] in neutral) or bool(
+        re.fullmatch(r"(?:gnopt\.)?(?:distributed\.)?initialize\.\w+", name))
+
+
+def _config_changes(stored: str, current: str, neutral: tuple[str, ...]) -> list[str]:
+    """``"name: old -> new"`` of each binding that differs and is not in ``neutral``."""
+    old, new = _resolve_macros(_bindings(stored)), _resolve_macros(_bindings(current))
+    short = lambda v: "(unset)" if v is None else v if len(v) <= 40 else v[:37] + "..."
+    return [f"{name}: {short(old.get(name))} -> {short(new.get(name))}"
+            for name in sorted(set(old) | set(new))
+            if old.get(name) != new.get(name) and not _neutral(name, neutral)]
+
+
+_HISTORY_HEADER = "# gnopt.train: the operative config of steps {0}, {1}, ... of this run\n"
+
+
+def _config_history(run_dir: str) -> dict[int, str]:
+    """``{k: path}`` of ``run_dir/configs/from_step_<k>.gin``."""
+    folder = os.path.join(run_dir, CONFIGS_DIR)
+    if not os.path.isdir(folder):
+        return {}
+    return {int(m[1]): os.path.join(folder, name) for name in os.listdir(folder)
+            if (m := _CONFIG_HISTORY.match(name))}
+
+
+def _config_in_effect(run_dir: str, step: int) -> str | None:
+    """The operative config that step ``step`` of the run used (``config.gin`` for runs
+    without ``configs/``); ``None`` if there is none."""
+    history = {k: path for k, path in _config_history(run_dir).items() if k <= step}
+    path = history[max(history)] if history else os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        text = f.read()
+    return text.split("\n", 1)[1] if text.startswith("# gnopt.train:") else text
+
+
+def _check_config_change(run_dir: str, step: int, current: str, neutral: tuple[str, ...],
+                         allow: bool) -> list[str]:
+    """Compares ``current`` with the config that produced the checkpoint of ``step``; refuses
+    a change unless ``allow``. Returns the changes (allowed ones)."""
+    stored = _config_in_effect(run_dir, step)
+    changes = [] if stored is None else _config_changes(stored, current, neutral)
+    if changes and not allow:
+        shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3
+                                          else "")
+        raise RunDirError(
+            f"{run_dir} was run with another config ({shown}); re-run with "
+            "--allow_config_change to continue with this one (every config used is kept in "
+            f"{os.path.join(run_dir, CONFIGS_DIR)}), or give another --run_dir")
+    return changes
+
+
+def _record_config(run_dir: str, first_step: int, config: str) -> None:
+    """Writes ``config`` as ``config.gin`` and, if it differs from the config in effect before
+    ``first_step``, as ``configs/from_step_<first_step>.gin`` (files of later steps are
+    dropped: those steps were redone)."""
+
+    def write(path: str, text: str) -> None:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+
+    folder = os.path.join(run_dir, CONFIGS_DIR)
+    history = _config_history(run_dir)
+    legacy = _config_in_effect(run_dir, first_step) if not history else None
+    os.makedirs(folder, exist_ok=True)
+    if legacy is not None:  # a run of an older gnopt (no configs/): its config.gin
+        write(os.path.join(folder, "from_step_1.gin"), _HISTORY_HEADER.format(1, 2) + legacy)
+    for start, path in history.items():
+        if start > first_step:
+            os.remove(path)
+    if _config_in_effect(run_dir, first_step - 1) != config:
+        write(os.path.join(folder, f"from_step_{first_step}.gin"),
+              _HISTORY_HEADER.format(first_step, first_step + 1) + config)
+    write(os.path.join(run_dir, CONFIG_FILE), config)
+
+
+def _nonfinite_report(check: dict[str, np.ndarray], names: list[str], loss: float) -> str:
+    """Which of loss, gradient and update were not finite on a rejected step, and where."""
+    bad, good = [], []
+    (good if bool(check["loss"]) else bad).append(f"loss ({loss:.4g})")
+    for key, label in (("grads", "gradient"), ("updates", "update")):
+        if key not in check:
+            continue
+        finite = np.asarray(check[key], bool)
+        if finite.all():
+            good.append(label)
+            continue
+        wrong = np.flatnonzero(~finite)
+        leaf = names[wrong[0]] if len(names) == len(finite) else f"leaf {wrong[0]}"
+        more = f" and {len(wrong) - 1} more of {len(finite)} leaves" if len(wrong) > 1 else ""
+        bad.append(f"{label} (in {leaf or 'the root'}{more})")
+    text = "non-finite " + " and ".join(bad)
+    return text + (f"; finite {' and '.join(good)}" if good else "")
+
+
 def _open_init_from(init_from: str) -> tuple[Checkpointer, int | None]:
     """``(read-only checkpointer, step or None: the newest)`` of ``train.init_from``: a run
     folder, its checkpoint folder or one step's folder."""
@@ -415,11 +698,14 @@ def _load_params(source: tuple[Checkpointer, int | None], params):
     return loaded["params"], meta["step"]
 
 
-@gin.configurable("train", module="gnopt", denylist=["run_dir", "mode"])
+@gin.configurable("train", module="gnopt",
+                  denylist=["run_dir", "mode", "restart", "allow_config_change"])
 def train(
     run_dir: str | None = None,
     *,
     mode: str = "train",
+    restart: bool = False,
+    allow_config_change: bool = False,
     model: Callable | None = None,
     optimizer: Callable | None = None,
     data: Callable = registry.CONFIGURABLES["gnopt.data.stdlib_corpus"],
@@ -442,6 +728,7 @@ def train(
     seed: int = 0,
     shuffle: bool = True,
     max_nonfinite_in_a_row: int = 10,
+    max_skipped_fraction: float = 0.1,
     line_search_batch: str = "same",
 ) -> dict[str, Any]:
     """Trains a model; resumes from ``run_dir``'s newest intact checkpoint if there is one.
@@ -452,6 +739,15 @@ def train(
         nothing; ``"shapes"``: build the model and optimizer state abstractly
         (``jax.eval_shape``) and trace one step: no data, no compute, for
         checking configs too big for this machine.
+      restart: start ``run_dir`` over from step 0, deleting what an earlier
+        run wrote there (metrics, configs, checkpoints). Without it, a folder
+        with metrics but no checkpoint to resume is refused.
+      allow_config_change: resume although the operative config differs from
+        the run's ``config.gin`` (in more than the settings that do not change
+        what a step computes: mesh, logging, checkpointing, evaluation, stop
+        criteria, and ``num_steps`` if the optimizer does not take
+        ``total_steps``). Every config used is kept as
+        ``configs/from_step_<k>.gin``.
       model: factory ``model(key=...) -> equinox model`` (e.g.
         ``@gnopt.models.LLaMA`` with ``gnopt.models.LLaMA.config =
         @gnopt.models.llama_config()``); all its leaves must be arrays.
@@ -490,7 +786,12 @@ def train(
       keep_checkpoints: newest checkpoints kept.
       seed: model initialisation and data order.
       shuffle: shuffle the training windows.
-      max_nonfinite_in_a_row: stop after this many consecutive rejected steps.
+      max_nonfinite_in_a_row: stop after this many consecutive rejected steps
+        (with a checkpoint: rejected steps change nothing, so it holds the
+        state of the last finite step).
+      max_skipped_fraction: a run that rejected more than this fraction of
+        its (micro-)steps as non-finite fails at its end (``NonFiniteError``,
+        after its final checkpoint).
       line_search_batch: ``"same"``: optimizers score line-search candidates on
         the step's batch; ``"next"``: on one more batch drawn per step (counted
         in ``tokens``).
@@ -501,20 +802,30 @@ def train(
     Returns:
       A summary: ``step``, ``loss``, ``val_loss``, ``tokens``, ``wall_s``,
       ``tokens_per_s`` (after compilation), ``stop_reason`` (``"num_steps"``,
-      ``"target_loss"``, ``"sigterm"``), and the final ``params`` and
+      ``"target_loss"``, ``"sigterm"``), ``nonfinite_skipped`` (rejected
+      steps of the whole run), and the final ``params`` and
       ``opt_state`` (on the mesh) (``mode="shapes"``: ``step`` and ``num_params``).
 
     Raises:
       ConfigError: a bad setting (before any step).
-      NonFiniteError: ``max_nonfinite_in_a_row`` rejected steps in a row.
+      RunDirError: ``run_dir`` is a file, holds an earlier run that cannot be
+        resumed (without ``restart``), or was run with another config
+        (without ``allow_config_change``); before any step.
+      NonFiniteError: ``max_nonfinite_in_a_row`` rejected steps in a row, or
+        more than ``max_skipped_fraction`` of them in the whole run.
       DataSourceError: a token shard vanished; a checkpoint of the last step is saved.
       CheckpointCorruptError: ``run_dir`` has checkpoints but none is intact.
     """
     options = dict(locals())  # the arguments, for their checks
     with _config_errors():
         _check_options(options)
-        if run_dir is None and mode == "train":
+        writes = mode == "train"
+        if run_dir is None and writes:
             raise ConfigError("train needs a run_dir")
+        if writes:
+            _check_run_dir(run_dir)
+            if not restart:
+                _check_earlier_run(run_dir)
         if model is None:
             raise ConfigError("train.model is not set (e.g. train.model = @gnopt.models.LLaMA)")
         if init_from is not None and not isinstance(init_from, (str, os.PathLike)):
@@ -528,23 +839,39 @@ def train(
         abstract_state = jax.eval_shape(tx.init, abstract_params)
         shardings = dist.step_shardings(device_mesh, abstract_params, abstract_state)
         step_fn = make_train_step(tx, loss_fn, check_grads=not second_order,
-                                  chunk_size=microbatch_size, shardings=shardings)
+                                  chunk_size=microbatch_size, shardings=shardings, explain=True)
         if mode == "shapes":
             return _trace_shapes(abstract_params, abstract_state, step_fn, batch_size=batch_size,
                                  seq_len=seq_len, next_batch=line_search_batch == "next")
         source = None if init_from is None else _open_init_from(init_from)
         train_tokens, val_tokens = _load_tokens(data, val_data)
+        _check_vocab(abstract_params, {"train": train_tokens, "validation": val_tokens},
+                     seq_len=seq_len)
+        if writes and not restart and _checkpoint_steps(run_dir):
+            # What the step uses is recorded by gin as it is traced: trace (no compute), compare.
+            _trace_shapes(abstract_params, abstract_state, step_fn, batch_size=batch_size,
+                          seq_len=seq_len, next_batch=line_search_batch == "next")
+            takes_steps = (not isinstance(optimizer, optax.GradientTransformation)
+                           and _accepts(optimizer, "total_steps"))
+            neutral = _NEUTRAL_OPTIONS + (() if takes_steps else ("num_steps",))
+            _check_config_change(run_dir, _checkpoint_steps(run_dir)[-1],
+                                 gin.operative_config_str(), neutral, allow_config_change)
         params, rng = jax.jit(init, out_shardings=(shardings.params, shardings.replicated))()
-        _check_vocab(params, train_tokens, seq_len=seq_len)
         processes = jax.process_count()
         pipeline = data_lib.make_pipeline(train_tokens, seq_len=seq_len,
                                           batch_size=batch_size // processes, seed=seed,
                                           shuffle=shuffle, shard_index=jax.process_index(),
                                           shard_count=processes)
-        val_batches = [dist.global_batch(_process_rows(batch), device_mesh)
-                       for batch in data_lib.validation_batches(
-                           val_tokens, seq_len=seq_len, batch_size=microbatch_size or batch_size,
-                           num_batches=eval_batches)] if eval_every else []
+        try:
+            val_batches = [dist.global_batch(_process_rows(batch), device_mesh)
+                           for batch in data_lib.validation_batches(
+                               val_tokens, seq_len=seq_len,
+                               batch_size=microbatch_size or batch_size,
+                               num_batches=eval_batches)] if eval_every else []
+        except ValueError as e:
+            raise ConfigError(f"validation data: {_one_line(e)}; give a larger set with "
+                              "train.val_data, or lower train.eval_batches, or set "
+                              "train.eval_every = 0") from e
     primary = jax.process_index() == 0
     say = functools.partial(print, flush=True) if primary else lambda *_: None
     say(f"model: {models.describe(params)}")
@@ -554,6 +881,10 @@ def train(
     dry_run = mode == "dry_run"
     checkpointer = None
     if not dry_run:
+        if restart:
+            cleared = _clear_run(run_dir)
+            if cleared:
+                say(f"--restart: deleted {', '.join(cleared)} of the earlier run in {run_dir}")
         os.makedirs(run_dir, exist_ok=True)
         checkpointer = Checkpointer(os.path.join(run_dir, CHECKPOINT_DIR), keep=keep_checkpoints)
     resume = checkpointer is not None and checkpointer.latest_step() is not None
@@ -571,13 +902,28 @@ def train(
         state, meta = checkpointer.restore(state)
         pipeline.set_state(meta["data_state"])
         say(f"resuming {run_dir} from step {meta['step']}")
+        if meta["stop_reason"] == "nonfinite":  # stopped by the guard: count afresh
+            meta["nonfinite_in_a_row"] = 0
     log = MetricsLog(run_dir, resume_step=meta["step"]) if primary and not dry_run else None
     summary = {"step": meta["step"], "loss": None, "val_loss": None, "tokens": meta["tokens"],
                "wall_s": meta["wall_s"], "tokens_per_s": None, "stop_reason": meta["stop_reason"],
+               "nonfinite_skipped": meta["nonfinite_skipped"],
                "params": state["params"], "opt_state": state["opt_state"]}
+
+    def check_skipped(step: int, skipped: int) -> None:
+        """Fails a finished run that rejected too many of its steps."""
+        steps = step * grad_accum_steps
+        if steps and skipped > max_skipped_fraction * steps:
+            raise NonFiniteError(
+                f"{skipped} of {steps} steps were skipped as non-finite ({skipped / steps:.0%}), "
+                f"more than train.max_skipped_fraction = {max_skipped_fraction}: the run did not "
+                f"train as configured (checkpoint of step {step} in {checkpointer.directory}); "
+                "lower the learning rate or check the data, or raise train.max_skipped_fraction")
+
     if meta["stop_reason"] == "target_loss" or meta["step"] >= num_steps:
         say(f"{run_dir} is already finished at step {meta['step']}")
         checkpointer.close()
+        check_skipped(meta["step"], meta["nonfinite_skipped"])
         return summary
 
     eval_fn = jax.jit(functools.partial(batch_loss, loss_fn), out_shardings=shardings.replicated)
@@ -585,6 +931,7 @@ def train(
     step, tokens, skipped, in_a_row = (meta[k] for k in
                                        ("step", "tokens", "nonfinite_skipped", "nonfinite_in_a_row"))
     watched = [] if dry_run else _token_files(train_tokens)
+    leaf_names = float_leaf_names(params)
     start = time.perf_counter()
     rate_start = rate_tokens = None  # throughput clock starts after the first (compiling) step
     bar = tqdm(total=num_steps, initial=step, unit="step", dynamic_ncols=True,
@@ -609,18 +956,20 @@ def train(
                 raise DataSourceError(
                     f"{vanished or 'a token shard vanished on another process'} after step "
                     f"{step}; {saved}put it back and re-run the same command to resume")
-            losses, diagnostics = [], {}
+            losses, diagnostics, rejected = [], {}, None
             for _ in range(grad_accum_steps):
                 batch = dist.global_batch(next(pipeline), device_mesh)
                 ls_batch = (dist.global_batch(next(pipeline), device_mesh)
                             if line_search_batch == "next" else None)
-                params, opt_state, loss, ok, diagnostics = step_fn(params, opt_state, batch,
-                                                                   ls_batch)
+                params, opt_state, loss, check, diagnostics = step_fn(params, opt_state, batch,
+                                                                      ls_batch)
                 tokens += batch[0].size + (0 if ls_batch is None else ls_batch[0].size)
-                if bool(ok):
+                check = jax.device_get(check)
+                if bool(check["ok"]):
                     in_a_row = 0
                 else:
                     skipped, in_a_row = skipped + 1, in_a_row + 1
+                    rejected = (check, float(loss))
                 losses.append(loss)
             step += 1
             loss = float(np.mean(jax.device_get(losses)))
@@ -628,7 +977,8 @@ def train(
             if rate_start is None:
                 rate_start, rate_tokens = now, tokens
             record = {"step": step, "tokens": tokens, "loss": loss,
-                      "wall_s": meta["wall_s"] + now - start, "nonfinite_skipped": skipped}
+                      "wall_s": meta["wall_s"] + now - start, "skipped": rejected is not None,
+                      "nonfinite_skipped": skipped}
             if eval_every and (step % eval_every == 0 or step == num_steps or dry_run):
                 record["val_loss"] = float(np.mean([eval_fn(params, b) for b in val_batches]))
                 summary["val_loss"] = record["val_loss"]
@@ -644,7 +994,8 @@ def train(
             if rate_tokens != tokens:
                 summary["tokens_per_s"] = (tokens - rate_tokens) / (now - rate_start)
             summary.update(step=step, loss=loss, tokens=tokens, wall_s=record["wall_s"],
-                           stop_reason=stop_reason, params=params, opt_state=opt_state)
+                           stop_reason=stop_reason, nonfinite_skipped=skipped, params=params,
+                           opt_state=opt_state)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{summary['tokens_per_s'] or 0:,.0f}",
                             refresh=False)
@@ -654,20 +1005,27 @@ def train(
             if log and (step % log_every == 0 or "val_loss" in record or stop_reason):
                 log.write({**diagnostics, **record})
             if primary and step == meta["step"] + 1:
-                with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
-                    f.write(gin.operative_config_str())
+                _record_config(run_dir, step, gin.operative_config_str())
             if stop_reason == "nonfinite":
                 bar.close()
+                save(stop_reason)  # rejected steps changed nothing: the last finite state
                 checkpointer.close()
+                last_good = step - math.ceil(in_a_row / grad_accum_steps)
+                what = _nonfinite_report(rejected[0], leaf_names, rejected[1])
                 raise NonFiniteError(
-                    f"stopped at step {step}: {in_a_row} non-finite steps in a row (loss {loss}); "
-                    f"parameters are those of the last finite step; lower the learning rate "
-                    f"or raise train.max_nonfinite_in_a_row")
+                    f"stopped at step {step}: {in_a_row} non-finite steps in a row; step {step} "
+                    f"had a {what}; the parameters and "
+                    f"optimizer state of step {last_good}, the last finite one, are saved as the "
+                    f"checkpoint of step {step} in {checkpointer.directory}; lower the learning "
+                    "rate and re-run with --allow_config_change to continue from it, or raise "
+                    "train.max_nonfinite_in_a_row")
             if stop_reason or (checkpoint_every and step % checkpoint_every == 0):
                 save(stop_reason)
             if stop_reason:
                 bar.close()
                 checkpointer.close()
+                if stop_reason != "sigterm":
+                    check_skipped(step, skipped)
                 return summary
 
 
@@ -685,6 +1043,55 @@ def _start_processes() -> None:
         return
 
 
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+GIN_DIR = os.path.join(os.path.dirname(PACKAGE_DIR), "gin")
+"""The repository's ``gin/`` folder (next to the ``gnopt`` package)."""
+
+
+def _resolve_gin_file(name: str, including: str | None) -> str:
+    """Where ``include 'name'`` (or ``--gin_file name``) points: an absolute path as is; a
+    relative one in the including file's folder (for ``--gin_file``: the current folder), then
+    in :data:`GIN_DIR`, then in gin's search path."""
+    if os.path.isabs(name):
+        return name
+    folders = [os.path.dirname(including) if including else os.getcwd(), GIN_DIR]
+    for folder in folders:
+        candidate = os.path.join(folder, name)
+        if os.path.isfile(candidate):
+            return os.path.abspath(candidate)
+    for prefix in gin.config._LOCATION_PREFIXES:  # gin.add_config_file_search_path's list
+        candidate = os.path.join(prefix, name)
+        if os.path.isfile(candidate):
+            return os.path.abspath(candidate)
+    where = f"include '{name}' in {including}" if including else f"--gin_file {name}"
+    raise FileNotFoundError(f"{where}: no such file in {' or '.join(folders)}")
+
+
+@contextlib.contextmanager
+def _gin_includes_relative_to_including_file():
+    """While parsing: gin files are found by :func:`_resolve_gin_file` (gin itself looks only
+    in its search path, so a file outside ``gin/`` could not include one that includes
+    ``base/...``)."""
+    original = gin.config.parse_config_file
+    including: list[str] = []
+
+    def parse_config_file(config_file, skip_unknown=False, print_includes_and_imports=False):
+        path = _resolve_gin_file(config_file, including[-1] if including else None)
+        if path in including:
+            raise ValueError(f"gin file {path} includes itself (via {' -> '.join(including)})")
+        including.append(path)
+        try:
+            return original(path, skip_unknown, print_includes_and_imports)
+        finally:
+            including.pop()
+
+    gin.config.parse_config_file = parse_config_file
+    try:
+        yield
+    finally:
+        gin.config.parse_config_file = original
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m gnopt.train",
@@ -698,16 +1105,41 @@ def main(argv: list[str] | None = None) -> int:
                        help="build everything, run one step, write nothing")
     modes.add_argument("--shapes_only", action="store_true",
                        help="build abstractly and trace one step: no data, no compute")
+    parser.add_argument("--restart", action="store_true",
+                        help="start the run folder over from step 0, deleting the metrics, "
+                             "configs and checkpoints of an earlier run in it")
+    parser.add_argument("--allow_config_change", action="store_true",
+                        help="resume a run although its config changed (each config used is "
+                             "kept in RUN_DIR/configs/from_step_<k>.gin)")
     args = parser.parse_args(argv)
     if not args.gin_file:
         parser.error("give at least one --gin_file")
     run_dir = args.run_dir or os.path.join(
         "runs", os.path.splitext(os.path.basename(args.gin_file[0]))[0])
-    for path in args.gin_file:  # `include 'x.gin'` resolves next to the including file
-        gin.add_config_file_search_path(os.path.dirname(os.path.abspath(path)))
+    original_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warnings(original_format)
+    try:
+        return _main(args, run_dir)
+    finally:
+        warnings.formatwarning = original_format
+
+
+def _one_line_warnings(original: Callable) -> Callable:
+    """``warnings.formatwarning`` that writes gnopt's own warnings as one line."""
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if os.path.abspath(filename).startswith(PACKAGE_DIR + os.sep):
+            return f"gnopt.train: warning: {message}\n"
+        return original(message, category, filename, lineno, line)
+
+    return format_warning
+
+
+def _main(args: argparse.Namespace, run_dir: str) -> int:
     logging.disable(logging.ERROR)  # gin's resource reader logs every search-path miss
     try:
-        gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
+        with _gin_includes_relative_to_including_file():
+            gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
     except Exception as e:  # noqa: BLE001 -- any parse error is a config error: one line, exit 2
         print(f"gnopt.train: config error: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -716,9 +1148,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _start_processes()
         mode = "dry_run" if args.dry_run else "shapes" if args.shapes_only else "train"
-        summary = train(run_dir, mode=mode)
+        summary = train(run_dir, mode=mode, restart=args.restart,
+                        allow_config_change=args.allow_config_change)
     except (ConfigError, CheckpointMismatchError) as e:
         print(f"gnopt.train: config error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except RunDirError as e:
+        print(f"gnopt.train: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
         print(f"gnopt.train: {str(e).splitlines()[0]}", file=sys.stderr)
@@ -727,7 +1163,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gnopt.train: {str(e).splitlines()[0]}", file=sys.stderr)
         return EXIT_DATA_MISSING
     except CheckpointCorruptError as e:
-        print(f"gnopt.train: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"gnopt.train: {str(e).splitlines()[0]}; they were moved to "
+              f"{os.path.join(os.path.abspath(run_dir), CHECKPOINT_DIR)}-corrupt; re-run with "
+              "--restart to start over from step 0", file=sys.stderr)
         return EXIT_NO_INTACT_CHECKPOINT
     if "num_params" in summary:
         print(f"shapes check passed: {summary['num_params']:,} parameters")
@@ -741,8 +1179,10 @@ def main(argv: list[str] | None = None) -> int:
         rate = ("" if summary["tokens_per_s"] is None
                 else f", {summary['tokens_per_s']:,.0f} tokens/s")
         loss = "" if summary["loss"] is None else f": loss {summary['loss']:.4f}"
+        skipped = ("" if not summary["nonfinite_skipped"]
+                   else f", {summary['nonfinite_skipped']} steps skipped (non-finite)")
         print(f"step {summary['step']}{loss}{val}, {summary['tokens']:,} tokens, "
-              f"{summary['wall_s']:.1f} s{rate}")
+              f"{summary['wall_s']:.1f} s{rate}{skipped}")
     return 0
 
 

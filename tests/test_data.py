@@ -1,14 +1,16 @@
 """Tests of gnopt.data: token sources, splits, shard formats and the grain pipeline."""
 
 import json
+import zlib
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gnopt.data import (BOS_BYTE, SHARD_MAGIC, ShardedTokens, make_pipeline, stdlib_corpus,
-                        text_files, token_shards, validation_batches)
+from gnopt.data import (BOS_BYTE, SHARD_MAGIC, VALIDATION_EVERY, ShardedTokens, make_pipeline,
+                        max_token_ids, stdlib_corpus, text_files, token_shards,
+                        validation_batches)
 
 STREAM = np.arange(2000, dtype=np.int32)  # window w of seq_len T is w*T, …, w*T + T
 
@@ -51,6 +53,36 @@ def test_text_files_split_by_file_is_disjoint_and_complete(tmp_path):
     assert everything == [f"document {i}\n" for i in range(100)]  # sorted file order
     assert sorted(train + validation) == sorted(everything)
     assert text_files(tmp_path / "doc000.txt", "all").tobytes() == b"\x00document 0\n"
+
+
+def test_one_text_file_splits_into_a_held_out_tail(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_bytes(bytes(range(1, 256)) * 40)
+    train, validation, everything = (text_files(book, s) for s in ("train", "validation", "all"))
+    assert len(validation) == len(everything) // VALIDATION_EVERY
+    np.testing.assert_array_equal(np.concatenate([train, validation]), everything)
+    np.testing.assert_array_equal(text_files(book, "validation", max_bytes=7), validation[:7])
+    np.testing.assert_array_equal(text_files(book, "train", max_bytes=7), train[:7])
+    # A file of the validation split alone: the same rule (train would be empty by file).
+    for name in (f"f{i}.txt" for i in range(100)):
+        if zlib.crc32(name.encode()) % VALIDATION_EVERY == 0:
+            (tmp_path / "v").mkdir()
+            (tmp_path / "v" / name).write_bytes(b"x" * 400)
+            break
+    assert len(text_files(tmp_path / "v", "train")) == 401 - 401 // VALIDATION_EVERY
+
+
+def test_max_token_ids_reads_every_shard_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    a = np.arange(1000, dtype=np.uint16)
+    a[777] = 5000
+    np.save(tmp_path / "a.npy", a)
+    _write_bin(tmp_path / "b.bin", [1, 2, 3])
+    tokens = token_shards([tmp_path / "a.npy", tmp_path / "b.bin"])
+    assert max_token_ids(tokens) == [(str(tmp_path / "a.npy"), 5000), (str(tmp_path / "b.bin"), 3)]
+    cached = json.loads((tmp_path / "cache" / "gnopt" / "token_max.json").read_text())
+    assert sorted(cached.values()) == [3, 5000]
+    assert max_token_ids(np.array([4, 9, 2])) == [(None, 9)]
 
 
 def test_text_files_errors(tmp_path):

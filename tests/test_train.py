@@ -195,13 +195,13 @@ def test_run_stops_after_too_many_nonfinite_steps(tmp_path, capsys):
 
 def test_target_loss_stops_the_run(tmp_path, capsys):
     run = tmp_path / "target"
-    assert _run(run, "NUM_STEPS = 50", "train.target_loss = 5.0", "train.target_metric = 'loss'",
-                "train.eval_every = 0", "gnopt.transforms.warmup_cosine.warmup_steps = 1") == 0
+    settings = ["NUM_STEPS = 50", "train.target_loss = 5.0", "train.target_metric = 'loss'",
+                "train.eval_every = 0", "gnopt.transforms.warmup_cosine.warmup_steps = 1"]
+    assert _run(run, *settings) == 0
     steps = [r["step"] for r in read_metrics(run)]
     assert 1 < len(steps) < 50 and read_metrics(run)[-1]["loss"] <= 5.0
     capsys.readouterr()
-    assert _run(run, "NUM_STEPS = 50", "train.target_loss = 5.0",
-                "train.target_metric = 'loss'", "train.eval_every = 0") == 0
+    assert _run(run, *settings) == 0
     assert "already finished" in capsys.readouterr().out
 
 
@@ -211,6 +211,11 @@ def test_target_loss_stops_the_run(tmp_path, capsys):
     ("train.optimizer = @optax.adamx", "No configurable matching reference '@optax.adamx'"),
     ("train.batch_size = -1", "train.batch_size must be a positive int, got -1"),
     ("train.line_search_batch = 'fresh'", "train.line_search_batch must be one of"),
+    ("train.num_steps = True", "train.num_steps must be a positive int, got True"),
+    ("train.max_skipped_fraction = 1.5",
+     "train.max_skipped_fraction must be a number in [0, 1], got 1.5"),
+    ("train.shuffle = 'no'", "train.shuffle must be True or False, got 'no'"),
+    ("train.data = 'corpus.txt'", "train.data must be a function or gin reference (@name)"),
     ("train.seed = %SEED", "gin macro SEED is not defined (add --gin_param 'SEED = ...')"),
     ("gnopt.models.llama_config.name = '7b'", "unknown LLaMA config '7b'"),
     ("gnopt.transforms.warmup_cosine.warmup_steps = 1000",

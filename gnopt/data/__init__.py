@@ -10,9 +10,9 @@ Example::
 
 from gnopt.data.pipeline import make_pipeline, validation_batches
 from gnopt.data.sources import (BOS_BYTE, SHARD_MAGIC, VALIDATION_EVERY, ShardedTokens,
-                                stdlib_corpus, text_files, token_shards)
+                                max_token_ids, stdlib_corpus, text_files, token_shards)
 
 __all__ = [
-    "BOS_BYTE", "SHARD_MAGIC", "VALIDATION_EVERY", "ShardedTokens", "make_pipeline",
+    "BOS_BYTE", "SHARD_MAGIC", "VALIDATION_EVERY", "ShardedTokens", "make_pipeline", "max_token_ids",
     "stdlib_corpus", "text_files", "token_shards", "validation_batches",
 ]

@@ -5,12 +5,20 @@ by :data:`BOS_BYTE`, the same "separator first" packing llm.c uses for FineWeb
 (its shards begin every document with the EOT token). Train/validation splits
 are by file: a file goes to validation when the CRC-32 of its path relative to
 the folder given (its name, for a file given directly) is divisible by
-:data:`VALIDATION_EVERY`, a rule stable across machines and runs.
+:data:`VALIDATION_EVERY`, a rule stable across machines and runs. When that
+leaves one split without files (a single text file, or a few), the split is
+by position instead: validation is the last ``1/VALIDATION_EVERY`` of the
+byte stream (the *held-out tail*) and train is the rest.
+
+:func:`max_token_ids` reads every token of a stream once (memory-mapped shards
+in chunks), to check ids against a model's vocabulary before training; results
+for shard files are cached by path, size and modification time.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import sysconfig
 import zlib
@@ -54,11 +62,8 @@ def _walk(root: Path, suffixes: tuple[str, ...] | None) -> Iterable[tuple[str, P
                 yield path.relative_to(root).as_posix(), path
 
 
-def _text_files(roots: Iterable[Path], suffixes: tuple[str, ...] | None,
-                split: str) -> list[Path]:
-    """Files under ``roots`` (sorted per root) whose relative path is in ``split``."""
-    if split not in _SPLITS:
-        raise ValueError(f"split={split!r}; expected one of {_SPLITS}")
+def _text_files(roots: Iterable[Path], suffixes: tuple[str, ...] | None) -> list[tuple[str, Path]]:
+    """``(relative path, path)`` of the files under ``roots`` (sorted per root)."""
     chosen = []
     for root in roots:
         if root.is_file():
@@ -67,23 +72,31 @@ def _text_files(roots: Iterable[Path], suffixes: tuple[str, ...] | None,
             candidates = dict(_walk(root, suffixes))
         else:
             raise FileNotFoundError(f"text source {root} does not exist")
-        chosen += [candidates[rel] for rel in sorted(candidates) if _in_split(rel, split)]
+        chosen += [(rel, candidates[rel]) for rel in sorted(candidates)]
     return chosen
 
 
-def _byte_tokens(files: Sequence[Path], max_bytes: int | None, what: str) -> np.ndarray:
-    """``[BOS, bytes of file 0, BOS, bytes of file 1, …]`` as uint8, at most ``max_bytes``."""
-    chunks, total = [], 0
+def _byte_range(files: Sequence[Path], start: int, stop: int | None) -> bytes:
+    """Bytes ``[start, stop)`` of ``[BOS, bytes of file 0, BOS, bytes of file 1, …]``."""
+    chunks, position = [], 0
     for path in files:
-        if max_bytes is not None and total >= max_bytes:
+        if stop is not None and position >= stop:
             break
-        chunk = bytes([BOS_BYTE]) + path.read_bytes()
-        chunks.append(chunk)
-        total += len(chunk)
-    tokens = np.frombuffer(b"".join(chunks), np.uint8)[:max_bytes]
-    if tokens.size == 0:
-        raise ValueError(f"{what}: empty corpus (no files with content in this split)")
-    return tokens
+        size = 1 + path.stat().st_size
+        lo, hi = max(start - position, 0), size if stop is None else min(size, stop - position)
+        if lo < hi:
+            if lo == 0:
+                chunks.append(bytes([BOS_BYTE]))
+                lo = 1
+            with open(path, "rb") as f:
+                f.seek(lo - 1)
+                chunks.append(f.read(hi - lo))
+        position += size
+    return b"".join(chunks)
+
+
+def _stream_size(files: Sequence[Path]) -> int:
+    return sum(1 + path.stat().st_size for path in files)
 
 
 def text_files(paths: PathLike | Sequence[PathLike], split: str = "train", *,
@@ -94,8 +107,10 @@ def text_files(paths: PathLike | Sequence[PathLike], split: str = "train", *,
     Args:
       paths: files and/or folders (searched recursively, hidden entries and
         ``__pycache__``/``site-packages`` skipped), read in sorted order.
-      split: ``"train"``, ``"validation"`` or ``"all"`` (split by file, see the
-        module docstring).
+      split: ``"train"``, ``"validation"`` or ``"all"``: split by file, or,
+        when that leaves a split empty (e.g. one file), by position: the last
+        ``1/VALIDATION_EVERY`` of the bytes is validation (see the module
+        docstring).
       suffixes: keep only files with these suffixes (e.g. ``(".txt",)``).
       max_bytes: stop reading once this many tokens are collected.
 
@@ -103,9 +118,28 @@ def text_files(paths: PathLike | Sequence[PathLike], split: str = "train", *,
       FileNotFoundError: a path does not exist.
       ValueError: nothing to read in this split.
     """
+    if split not in _SPLITS:
+        raise ValueError(f"split={split!r}; expected one of {_SPLITS}")
     roots = _as_paths(paths)
-    files = _text_files(roots, None if suffixes is None else tuple(suffixes), split)
-    return _byte_tokens(files, max_bytes, f"text_files({[str(r) for r in roots]}, split={split!r})")
+    what = f"text_files({[str(r) for r in roots]}, split={split!r})"
+    found = _text_files(roots, None if suffixes is None else tuple(suffixes))
+    files = [path for _, path in found]
+    if split == "all":
+        start, stop = 0, None
+    else:
+        chosen = [path for rel, path in found if _in_split(rel, split)]
+        if chosen and len(chosen) < len(files):  # both splits have files
+            files, start, stop = chosen, 0, None
+        else:  # the held-out tail
+            total = _stream_size(files)
+            cut = total - total // VALIDATION_EVERY
+            start, stop = (0, cut) if split == "train" else (cut, None)
+    if max_bytes is not None:
+        stop = start + max_bytes if stop is None else min(stop, start + max_bytes)
+    tokens = np.frombuffer(_byte_range(files, start, stop), np.uint8)
+    if tokens.size == 0:
+        raise ValueError(f"{what}: empty corpus (no files with content in this split)")
+    return tokens
 
 
 def stdlib_corpus(split: str = "train", max_bytes: int | None = None) -> np.ndarray:
@@ -193,6 +227,61 @@ class ShardedTokens:
             chosen = shard == s
             out[chosen] = self.shards[s][index[chosen] - self.offsets[s]]
         return out
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root, "gnopt", "token_max.json")
+
+
+_MAX_IDS: dict[str, int] = {}
+
+
+def _shard_max(shard: np.ndarray, chunk: int = 1 << 24) -> int:
+    """The largest id of one shard; a memory-mapped one is read in chunks, cached on disk."""
+    if len(shard) == 0:
+        return -1
+    filename = getattr(shard, "filename", None)
+    if not isinstance(shard, np.memmap) or not filename:
+        return int(np.max(shard))
+    stat = os.stat(filename)
+    key = (f"{os.path.realpath(filename)}:{stat.st_size}:{stat.st_mtime_ns}:{shard.offset}:"
+           f"{shard.dtype.str}")
+    if key not in _MAX_IDS:
+        cache = _cache_file()
+        try:
+            stored = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            stored = {}
+        if isinstance(stored, dict) and isinstance(stored.get(key), int):
+            _MAX_IDS[key] = stored[key]
+        else:
+            _MAX_IDS[key] = max(int(np.max(shard[i:i + chunk]))
+                                for i in range(0, len(shard), chunk))
+            stored = stored if isinstance(stored, dict) else {}
+            stored[key] = _MAX_IDS[key]
+            try:  # best effort: a read-only home only costs the pass next time
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                temporary = cache.with_suffix(f".{os.getpid()}.tmp")
+                temporary.write_text(json.dumps(stored))
+                os.replace(temporary, cache)
+            except OSError:
+                pass
+    return _MAX_IDS[key]
+
+
+def max_token_ids(tokens) -> list[tuple[str | None, int]]:
+    """``(file or None, largest token id)`` of each shard of a token stream.
+
+    Every token is read once: an in-memory array directly, a memory-mapped shard
+    in chunks of 16M tokens. Results for shard files are cached (in memory and in
+    ``$XDG_CACHE_HOME/gnopt/token_max.json``, default ``~/.cache``) by path,
+    size and modification time, so checking the same shards again is free.
+    """
+    shards = tokens.shards if isinstance(tokens, ShardedTokens) else [
+        tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)]
+    return [(str(s.filename) if getattr(s, "filename", None) else None, _shard_max(s))
+            for s in shards]
 
 
 def token_shards(paths: PathLike | Sequence[PathLike]) -> np.ndarray | ShardedTokens:
