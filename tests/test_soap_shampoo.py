@@ -48,7 +48,8 @@ def _polar(g):
 
 
 def test_soap_first_call_initialises_then_constant_gradient_gives_polar_factor():
-    """Step 1 only sets L = GGᵀ, R = GᵀG and their eigenbases; for a constant
+    """Step 1 only sets L = (1 − β)GGᵀ, R = (1 − β)GᵀG (an EMA from zeros, as
+    in the authors' code) and their eigenbases; for a constant
     gradient the rotated gradient is diag(σ), Adam's step there is sign(σ),
     so the next direction is the polar factor U Vᵀ of G (up to eps/σ: with a
     tiny eps Adam would blow the round-off off-diagonal of diag(σ) up to ±1)."""
