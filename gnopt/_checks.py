@@ -37,6 +37,13 @@ def check_number(where: str, name: str, value, *, low: float | None = None,
     return x
 
 
+def is_traced(*values) -> bool:
+    """Whether any value is a tracer (e.g. under ``jax.vmap`` or a jitted
+    ``optax.inject_hyperparams``): comparisons between such values cannot be
+    checked at construction."""
+    return any(isinstance(v, jax.core.Tracer) for v in values)
+
+
 def check_int(where: str, name: str, value, *, low: int | None = None) -> int:
     """An integer ``≥ low``."""
     what = "an integer" + (f" >= {low}" if low is not None else "")

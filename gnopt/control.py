@@ -22,6 +22,13 @@ Every controller here is an :class:`AbstractController`: ``init() -> state``
 -> (state, accept)``, the second ``accept`` the controller's decision on the
 measured step, which every gnopt transform honours (the step is not applied).
 
+Numbers are data: every gain, setpoint, limit and threshold is an ordinary
+field (a pytree leaf, a Python float or an array), so a controller passed to a
+jitted function can be given new gains (``eqx.tree_at``) without a retrace,
+and a sweep over gains can be ``jax.vmap``-ped. Only structure is static: the
+``direction`` sign, ``log_space``, and whether ``reject_below`` is set at all.
+Construction checks apply to concrete values; traced ones are not checked.
+
 Anti-windup bound: once saturated at a limit after any history, an error of
 constant magnitude ``|e| > 0`` of the opposite sign brings the integral to the
 other side of zero within ``⌈I_max / |e|⌉`` steps, so the knob leaves a limit it
@@ -39,7 +46,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from gnopt._checks import check_number
+from gnopt._checks import check_number, is_traced
 
 Array = jax.Array
 
@@ -111,16 +118,16 @@ class PIController(AbstractController):
       log_space: act on ``log u`` (knobs spanning decades).
     """
 
-    setpoint: float = eqx.field(static=True)
-    kp: float = eqx.field(static=True)
-    ki: float = eqx.field(static=True)
-    output0: float = eqx.field(static=True)
-    output_min: float = eqx.field(static=True)
-    output_max: float = eqx.field(static=True)
-    integral_limit: float = eqx.field(static=True)
-    error_limit: float = eqx.field(static=True)
+    setpoint: float
+    kp: float
+    ki: float
+    output0: float
+    output_min: float
+    output_max: float
+    integral_limit: float
+    error_limit: float
     direction: int = eqx.field(static=True, default=1)
-    reject_below: float | None = eqx.field(static=True, default=None)
+    reject_below: float | None = None  # None (never reject) is structure, a value is data
     log_space: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
@@ -131,6 +138,10 @@ class PIController(AbstractController):
         for name in ("kp", "ki", "integral_limit"):
             check_number("PIController", name, getattr(self, name), low=0.0)
         check_number("PIController", "error_limit", self.error_limit, low=0.0, low_open=True)
+        if self.direction not in (1, -1):
+            raise ValueError(f"PIController: direction must be +1 or -1, got {self.direction}")
+        if is_traced(self.output0, self.output_min, self.output_max):
+            return  # traced limits (vmap, inject_hyperparams): not comparable here
         if not self.output_min <= self.output0 <= self.output_max:
             raise ValueError(
                 f"PIController: output0={self.output0} must lie in "
@@ -138,8 +149,6 @@ class PIController(AbstractController):
         if self.log_space and not self.output_min > 0:
             raise ValueError(
                 f"PIController: log_space needs output_min > 0, got {self.output_min}")
-        if self.direction not in (1, -1):
-            raise ValueError(f"PIController: direction must be +1 or -1, got {self.direction}")
 
     def init(self) -> PIState:
         """The state before any measurement: zero integral, output ``u_0``."""
@@ -178,7 +187,7 @@ class PIController(AbstractController):
         raw = jnp.where(keep, jnp.clip(m - self.setpoint, -limit, limit), -limit)
         error = (self.direction * raw).astype(jnp.float32)
         integral = jnp.clip(state.integral + error, -self.integral_limit, self.integral_limit)
-        bias = math.log(self.output0) if self.log_space else self.output0
+        bias = jnp.log(self.output0) if self.log_space else self.output0
         drive = bias + self.kp * error + self.ki * integral
         output = jnp.exp(drive) if self.log_space else drive
         output = jnp.clip(output, self.output_min, self.output_max)
@@ -187,7 +196,12 @@ class PIController(AbstractController):
 
 
 def _integral_span(ki: float, output0: float, low: float, high: float) -> float:
-    """Smallest ``I_max`` with which the integral term alone reaches either limit."""
+    """Smallest ``I_max`` with which the integral term alone reaches either limit
+    (a Python float for concrete arguments, an array for traced ones)."""
+    if is_traced(ki, output0, low, high):
+        positive = ki > 0
+        span = jnp.maximum(high - output0, output0 - low)
+        return jnp.where(positive, span / jnp.where(positive, ki, 1.0), 0.0)
     return max(high - output0, output0 - low) / ki if ki > 0 else 0.0
 
 
@@ -256,7 +270,10 @@ def damping_controller(
         the integral term alone spans ``[log δ_min, log δ_max]`` from ``log δ_0``.
       reject_below: reject steps with ``ρ_t`` below this (e.g. ``0.0``).
     """
-    if integral_limit is None and damping_min > 0 and damping0 > 0:
+    if integral_limit is None and is_traced(damping0, damping_min, damping_max):
+        integral_limit = _integral_span(
+            ki, jnp.log(damping0), jnp.log(damping_min), jnp.log(damping_max))
+    elif integral_limit is None and damping_min > 0 and damping0 > 0:
         integral_limit = _integral_span(
             ki, math.log(damping0), math.log(damping_min), math.log(damping_max))
     return PIController(
@@ -291,14 +308,16 @@ class NielsenDamping(AbstractController):
       reject_below: keep a step only if ``ρ`` exceeds this.
     """
 
-    damping0: float = eqx.field(static=True, default=1e-3)
-    damping_min: float = eqx.field(static=True, default=1e-12)
-    damping_max: float = eqx.field(static=True, default=1e12)
-    reject_below: float = eqx.field(static=True, default=0.0)
+    damping0: float = 1e-3
+    damping_min: float = 1e-12
+    damping_max: float = 1e12
+    reject_below: float = 0.0
 
     def __check_init__(self):
         for name in ("damping0", "damping_min", "damping_max", "reject_below"):
             check_number("nielsen_damping", name, getattr(self, name))
+        if is_traced(self.damping0, self.damping_min, self.damping_max):
+            return  # traced limits (vmap, inject_hyperparams): not comparable here
         if not 0 < self.damping_min <= self.damping0 <= self.damping_max:
             raise ValueError(
                 "nielsen_damping: need 0 < damping_min <= damping0 <= damping_max, got "

@@ -3,6 +3,10 @@
 A search picks ``α`` for ``θ0 + α Δ`` given ``loss_at(α)``, the true loss on
 (ideally fresh) data. Neither search returns a point worse than ``α = 0``
 unless ``allow_increase=True``: the step is then skipped (``α = 0``).
+
+Step sizes and constants (``scale``, ``init``, ``shrink``, ``c``) are ordinary
+fields (pytree leaves): changing them never recompiles and they may be traced
+(``jax.vmap``); counts (``num``, ``max_evals``) and flags are static.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Callable, ClassVar
 
 import equinox as eqx
 
-from gnopt._checks import check_int, check_number
+from gnopt._checks import check_int, check_number, is_traced
 import jax
 import jax.numpy as jnp
 
@@ -48,7 +52,7 @@ class GridLineSearch(AbstractLineSearch):
     """
 
     num: int = eqx.field(static=True, default=5)
-    scale: float = eqx.field(static=True, default=1.0)
+    scale: float = 1.0  # data: a new scale does not retrace
     allow_increase: bool = eqx.field(static=True, default=False)
     stop_at_rise: bool = eqx.field(static=True, default=False)
 
@@ -90,14 +94,14 @@ class GridLineSearch(AbstractLineSearch):
 class BacktrackingLineSearch(AbstractLineSearch):
     """Armijo backtracking: shrink ``α`` until ``L(α) ≤ L(0) + c α gᵀΔ``."""
 
-    init: float = eqx.field(static=True, default=1.0)
-    shrink: float = eqx.field(static=True, default=0.5)
-    c: float = eqx.field(static=True, default=1e-4)
+    init: float = 1.0  # init, shrink and c are data: new values do not retrace
+    shrink: float = 0.5
+    c: float = 1e-4
     max_evals: int = eqx.field(static=True, default=10)
     allow_increase: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
-        if not 0.0 < self.shrink < 1.0:
+        if not is_traced(self.shrink) and not 0.0 < self.shrink < 1.0:
             raise ValueError(f"backtracking shrink must be in (0, 1), got {self.shrink}")
 
     def search(self, loss_at, loss0, slope):

@@ -16,6 +16,12 @@ One outer step at ``θ0`` on ``batch`` (Abreu et al. 2025, §3; Martens 2010):
 
 The incoming ``updates`` (gradients) are not used: ``g`` comes from the same
 linearisation as ``G``. Put clipping *after* this transform to clip the step.
+
+Numbers are data: ``learning_rate``, ``damping`` and ``warm_start`` (and the
+fields of a line search or controller) may be traced, so they can be
+hyperparameters of :func:`gnopt.hyperparams.inject_hyperparams` (changed
+between jitted steps without a retrace) or ``jax.vmap``-ped over. The
+functions and ``loss_chunk_size`` are static (:attr:`gauss_newton.static_args`).
 """
 
 from __future__ import annotations
@@ -111,6 +117,18 @@ def gauss_newton(
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs
       ``params`` and ``batch=(inputs, targets)``, optionally
       ``line_search_batch``, and ignores other keyword arguments.
+
+    Under ``inject_hyperparams``: ``optax.inject_hyperparams`` takes every
+    callable argument for a schedule of the step count, ``apply_fn`` and
+    ``loss_fn`` included; use :func:`gnopt.hyperparams.inject_hyperparams`,
+    which keeps :attr:`gauss_newton.static_args` static::
+
+      tx = inject_hyperparams(gnopt.gauss_newton)(apply_fn, loss_fn, learning_rate=0.5,
+                                                  damping=1e-3)
+      state.hyperparams["learning_rate"] = jnp.asarray(0.1, jnp.float32)  # no retrace
+
+    or ``optax.inject_hyperparams(functools.partial(gnopt.gauss_newton,
+    apply_fn, loss_fn))(learning_rate=0.5)``.
     """
     solver = cg() if solver is None else solver
     curvature = full() if curvature is None else curvature
@@ -174,3 +192,8 @@ def gauss_newton(
         return new_updates, GaussNewtonState(state.count + 1, working_precision(warm), damping_state, diag)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# Arguments that are not hyperparameters: functions and a count that fixes shapes
+# (read by gnopt.hyperparams.inject_hyperparams).
+gauss_newton.static_args = ("apply_fn", "loss_fn", "loss_chunk_size")

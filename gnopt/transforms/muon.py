@@ -177,7 +177,8 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, beta: float = 0.95,
       adam_b1, adam_b2, adam_eps, adam_weight_decay: AdamW's hyper-parameters.
       is_hidden_matrix: ``(path, leaf) -> bool`` choosing the Muon leaves
         (default :func:`default_is_hidden_matrix`; ``None`` keeps it usable
-        under ``optax.inject_hyperparams``, which takes callables for schedules).
+        under ``optax.inject_hyperparams``, which takes callables for schedules;
+        :func:`gnopt.hyperparams.inject_hyperparams` keeps it static).
     """
     check_learning_rate("muon", "learning_rate", learning_rate)
     if adam_learning_rate is not None:
@@ -196,3 +197,7 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, beta: float = 0.95,
          "adam": optax.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps,
                              weight_decay=adam_weight_decay)},
         lambda params: hidden_matrix_labels(params, is_hidden_matrix))
+
+
+# Arguments that are not hyperparameters (read by gnopt.hyperparams.inject_hyperparams).
+muon.static_args = ("ns_steps", "is_hidden_matrix")

@@ -71,7 +71,7 @@ import optax
 import optax.tree_utils as otu
 
 from gnopt.control import AbstractController, damping_controller, fusion_weight_controller
-from gnopt._checks import check_int, check_learning_rate, check_number
+from gnopt._checks import check_int, check_learning_rate, check_number, is_traced
 from gnopt.curvature import AbstractCurvature, LinearisedModel, TrustRatio, layerwise, trust_ratio
 from gnopt.solvers import AbstractSolver, cg, working_precision
 from gnopt.transforms.gauss_newton import require_batch
@@ -148,7 +148,17 @@ def pi_muon(
     rejected: str = "parabola",
     correction_limits: tuple[float, float] = (0.5, 1.5),
     muon_step_length: str = "model",
-    **muon_kwargs,
+    beta: float = 0.95,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    weight_decay: float = 0.0,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    adam_eps: float = 1e-8,
+    adam_weight_decay: float = 0.0,
+    compute_dtype: str = "float32",
+    is_hidden_matrix: Callable | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """PI-Muon (see the module docstring for the maths).
 
@@ -185,12 +195,26 @@ def pi_muon(
         12 steps to the target instead of 7 with the default ``3/2``).
       muon_step_length: ``"model"`` (default: ``u`` shortened by the GN
         model along it, step 1) or ``"muon"`` (``u`` as Muon makes it).
-      **muon_kwargs: passed to :func:`gnopt.transforms.muon`.
+      beta, nesterov, ns_steps, weight_decay, adam_learning_rate, adam_b1, adam_b2,
+        adam_eps, adam_weight_decay, compute_dtype, is_hidden_matrix: Muon's
+        (:func:`gnopt.transforms.muon`, same defaults); named here, not passed
+        as ``**kwargs``, so that ``inject_hyperparams`` sees each number.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` takes the
       gradients, ``params``, ``batch=(inputs, targets)`` and optionally
       ``line_search_batch`` (a fresh batch on which ``ρ`` is measured).
+
+    Numbers are data: ``learning_rate``, ``damping`` (a float),
+    ``gn_warm_start``, ``correction_limits``, Muon's numbers and the
+    controllers' fields may be traced — hyperparameters of
+    :func:`gnopt.hyperparams.inject_hyperparams` (which keeps
+    :attr:`pi_muon.static_args`, the functions and counts, static)::
+
+      tx = inject_hyperparams(gnopt.pi_muon)(apply_fn, loss_fn, learning_rate=0.02)
+
+    or a controller given new gains (``eqx.tree_at``) without a retrace when
+    it is an argument of the jitted step that builds the transform.
     """
     if parallel not in ("interpolate", "muon"):
         raise ValueError(f"pi_muon: parallel must be 'interpolate' or 'muon', got {parallel!r}")
@@ -204,7 +228,7 @@ def pi_muon(
     if muon_step_length not in ("muon", "model"):
         raise ValueError("pi_muon: muon_step_length must be 'muon' or 'model', "
                          f"got {muon_step_length!r}")
-    if not 0 < correction_limits[0] <= 1 <= correction_limits[1]:
+    if not is_traced(*correction_limits) and not 0 < correction_limits[0] <= 1 <= correction_limits[1]:
         raise ValueError("pi_muon: correction_limits must satisfy 0 < low <= 1 <= high, "
                          f"got {correction_limits}")
     solver = cg(max_iters=10) if solver is None else solver
@@ -220,7 +244,10 @@ def pi_muon(
     check_number("pi_muon", "gn_warm_start", gn_warm_start, low=0.0, high=1.0)
     if trust_batch_size is not None:
         check_int("pi_muon", "trust_batch_size", trust_batch_size, low=1)
-    base = muon(learning_rate, **muon_kwargs)
+    base = muon(learning_rate, beta=beta, nesterov=nesterov, ns_steps=ns_steps,
+                weight_decay=weight_decay, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1,
+                adam_b2=adam_b2, adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
+                compute_dtype=compute_dtype, is_hidden_matrix=is_hidden_matrix)
     stat_names = ("lambda", "rho", "gn_scale", "muon_scale", "curvature_ratio", "perp_ratio",
                   "damping", "accepted", "actual_decrease", "predicted_decrease") + solver.stat_names
 
@@ -290,3 +317,8 @@ def pi_muon(
         return otu.tree_cast_like(step, params), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# Arguments that are not hyperparameters: functions and counts
+# (read by gnopt.hyperparams.inject_hyperparams).
+pi_muon.static_args = ("apply_fn", "loss_fn", "trust_batch_size", "ns_steps", "is_hidden_matrix")
