@@ -17,7 +17,7 @@ their functions and counts there, e.g. ``gauss_newton.static_args ==
 ``apply_fn`` or ``loss_fn``, plus those you give. Every other number becomes a
 hyperparameter, as with optax::
 
-    tx = gnopt.hyperparams.inject_hyperparams(gnopt.gauss_newton)(
+    tx = gnopt.inject_hyperparams(gnopt.gauss_newton)(
         apply_fn, loss_fn, learning_rate=0.5, damping=1e-3)
     state = tx.init(params)
     state.hyperparams["learning_rate"] = jnp.asarray(0.1, jnp.float32)  # no retrace

@@ -242,3 +242,9 @@ def test_concrete_numbers_are_still_checked():
         grid(3, scale=0.0)
     with pytest.raises(ValueError, match="shrink"):
         gnopt.line_search.BacktrackingLineSearch(shrink=1.5)
+
+
+def test_kfac_counts_stay_static_under_inject_hyperparams():
+    from gnopt.hyperparams import static_args_of
+    assert {"inverse_every", "max_factor_dim", "seed", "apply_fn", "loss_fn"} <= set(
+        static_args_of(gnopt.kfac))

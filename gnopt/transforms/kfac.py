@@ -302,3 +302,7 @@ def kfac(apply_fn: Callable, loss_fn, learning_rate: optax.ScalarOrSchedule, *,
                                  optax.scale_by_learning_rate(learning_rate)),
              "fallback": fallback},
             lambda tree: kfac_labels(tree, max_factor_dim)))
+
+
+kfac.static_args = ("apply_fn", "loss_fn", "inverse_every", "max_factor_dim", "seed", "pi_correction",
+                    "fallback")
