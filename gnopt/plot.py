@@ -2,7 +2,10 @@
 
 Two panels, loss vs optimizer step and loss vs tokens; one colour per run
 (legend: the run folder's name), training loss solid, validation loss dashed
-with markers.
+with markers. The loss is the trainer's: mean cross-entropy in nats per token
+(natural log; divide by ln 2 for bits). The x axes count optimizer steps
+(each one batch, or ``grad_accum_steps`` micro-batches) and training tokens
+drawn (line-search batches of ``line_search_batch="next"`` included).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from gnopt.metrics import column, read_metrics
+
+Y_LABEL = "loss (cross-entropy, nats per token)"
+X_LABELS = ("optimizer steps", "training tokens seen (line-search batches included)")
 
 
 def plot_runs(run_dirs: list[str], output: str, *, log_y: bool = False) -> None:
@@ -37,9 +43,9 @@ def plot_runs(run_dirs: list[str], output: str, *, log_y: bool = False) -> None:
             xs, ys = column(records, "val_loss", x)
             if xs:
                 ax.plot(xs, ys, "o--", color=color, markersize=3, label=f"{name} (val)")
-    for ax, x in zip(axes, ("optimizer step", "tokens")):
+    for ax, x in zip(axes, X_LABELS):
         ax.set_xlabel(x)
-        ax.set_ylabel("loss")
+        ax.set_ylabel(Y_LABEL)
         ax.grid(alpha=0.3)
         if log_y:
             ax.set_yscale("log")

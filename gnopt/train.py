@@ -2,12 +2,22 @@
 
 ::
 
-    python -m gnopt.train --gin_file gin/quickstart.gin [--gin_file more.gin]
+    python -m gnopt.train [--gin_file quickstart.gin] [--gin_file more.gin]
         [--gin_param 'train.num_steps = 50' ...] [--run_dir runs/x]
-        [--dry_run | --shapes_only] [--restart] [--allow_config_change]
+        [--dry_run | --shapes_only | --print_config] [--restart] [--allow_config_change]
+
+Without ``--gin_file`` it runs :data:`DEFAULT_GIN_FILE` (the quickstart). ``--help``
+lists every gin-configurable argument of :func:`train`. A run prints its operative
+gin config first (``--print_config`` prints only that: the model and optimizer are
+built abstractly and one step traced, no data read). The progress bar starts after
+the first step, so its rate and ETA leave out the compilation (a line says how long
+that step took). ``--shapes_only`` compiles the step for the mesh without data and
+prints XLA's memory analysis of it per device (``docs/data.md``).
 
 A thin driver: batches from :mod:`gnopt.data`, one jitted step, metrics to
-``RUN_DIR/metrics.jsonl`` (strict JSON Lines: non-finite values are ``null``),
+``RUN_DIR/metrics.jsonl`` (strict JSON Lines: non-finite values are ``null``) and
+to TensorBoard event files in ``RUN_DIR`` (``train.tensorboard``, on by default;
+:class:`gnopt.metrics.MetricsLog`),
 the gin operative config to ``RUN_DIR/config.gin`` (and every config the run
 used to ``RUN_DIR/configs/from_step_<k>.gin``), checkpoints (orbax, atomic,
 checksummed) to ``RUN_DIR/checkpoints``. Re-running the same command with the
@@ -77,6 +87,7 @@ import re
 import shutil
 import signal
 import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -292,7 +303,7 @@ _POSITIVE_OPTIONS = ("seq_len", "batch_size", "grad_accum_steps", "num_steps", "
                      "log_every", "keep_checkpoints", "max_nonfinite_in_a_row")
 _COUNT_OPTIONS = ("eval_every", "checkpoint_every")  # 0: never
 _CHOICE_OPTIONS = {"line_search_batch": ("same", "next"), "target_metric": ("val_loss", "loss"),
-                   "mode": ("train", "dry_run", "shapes")}
+                   "mode": ("train", "dry_run", "shapes", "memory", "print_config")}
 
 
 def _is_int(value) -> bool:
@@ -315,8 +326,9 @@ def _check_options(options: dict[str, Any]) -> None:
                               f"got {options[name]!r}")
     if not _is_int(options["seed"]):
         raise ConfigError(f"train.seed must be an int, got {options['seed']!r}")
-    if not isinstance(options["shuffle"], (bool, np.bool_)):
-        raise ConfigError(f"train.shuffle must be True or False, got {options['shuffle']!r}")
+    for name in ("shuffle", "tensorboard"):
+        if not isinstance(options[name], (bool, np.bool_)):
+            raise ConfigError(f"train.{name} must be True or False, got {options[name]!r}")
     fraction = options["max_skipped_fraction"]
     if not _is_real(fraction) or not 0 <= fraction <= 1:
         raise ConfigError(f"train.max_skipped_fraction must be a number in [0, 1], "
@@ -391,12 +403,43 @@ def _abstract_params(init: Callable):
 
 
 def _trace_shapes(params, opt_state, step_fn, *, batch_size: int, seq_len: int,
-                  next_batch: bool) -> dict[str, Any]:
-    """Traces one step on the abstract model and optimizer state (no compute)."""
+                  next_batch: bool, compile_step: bool = False) -> dict[str, Any]:
+    """Traces one step on the abstract model and optimizer state (no compute); with
+    ``compile_step`` also compiles it and adds XLA's memory analysis (:func:`_memory_of`)."""
     tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-    jax.eval_shape(step_fn, params, opt_state, (tokens, tokens),
-                   (tokens, tokens) if next_batch else None)
-    return {"step": 0, "num_params": models.count_params(params)}
+    args = (params, opt_state, (tokens, tokens), (tokens, tokens) if next_batch else None)
+    jax.eval_shape(step_fn, *args)
+    out = {"step": 0, "num_params": models.count_params(params)}
+    if compile_step:
+        out["memory"] = _memory_of(step_fn.lower(*args).compile())
+    return out
+
+
+def _memory_of(compiled) -> dict[str, int] | None:
+    """Bytes per device of a compiled step, from XLA's memory analysis: ``arguments``
+    (parameters, optimizer state, batch), ``outputs``, ``aliased`` (outputs written into
+    donated arguments), ``temporaries``, ``code``, and ``peak``: XLA's own peak where the
+    backend reports one, else arguments + outputs - aliased + temporaries + code."""
+    stats = compiled.memory_analysis()
+    if stats is None:  # a backend without memory analysis
+        return None
+    out = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
+           "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
+           "code": stats.generated_code_size_in_bytes}
+    total = (out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+             + out["code"])
+    out["peak"] = max(int(getattr(stats, "peak_memory_in_bytes", 0) or 0), total)
+    return out
+
+
+def memory_line(memory: dict[str, int], devices: int, mesh: dict[str, int]) -> str:
+    """The report of :func:`_memory_of` as printed by ``--shapes_only``."""
+    gib = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    return (f"peak memory per device of the compiled step: {gib(memory['peak'])} "
+            f"(arguments {gib(memory['arguments'])}: parameters, optimizer state and batch; "
+            f"temporaries {gib(memory['temporaries'])}; outputs {gib(memory['outputs'])}, "
+            f"{gib(memory['aliased'])} of them in donated buffers) on {devices} device(s), "
+            f"mesh data {mesh['data']} x fsdp {mesh['fsdp']}")
 
 
 def _load_tokens(data: Callable, val_data: Callable | None):
@@ -453,6 +496,26 @@ def _vanished(files: list[tuple[str, int]]) -> str | None:
     return None
 
 
+def _config_banner(config: str) -> str:
+    """The operative gin config as printed when a run starts (comments and blank lines
+    dropped)."""
+    lines = [line for line in config.splitlines() if line.strip() and not line.startswith("#")]
+    return "\n".join(["operative gin config (RUN_DIR/config.gin):", *("  " + line for line in lines)])
+
+
+class _NoBar:
+    """Stands in for the progress bar before the first (compiling) step has run."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def _sigterm_received():
     """A list that gets an entry on SIGTERM, which then no longer kills the process.
@@ -478,7 +541,7 @@ _CONFIG_HISTORY = re.compile(r"from_step_(\d+)\.gin$")
 # no --allow_config_change (the new config is still recorded under configs/).
 _NEUTRAL_OPTIONS = ("mesh", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every",
                     "eval_batches", "target_loss", "target_metric", "max_nonfinite_in_a_row",
-                    "max_skipped_fraction")
+                    "max_skipped_fraction", "tensorboard")
 
 
 def _check_run_dir(run_dir: str) -> None:
@@ -730,6 +793,7 @@ def train(
     max_nonfinite_in_a_row: int = 10,
     max_skipped_fraction: float = 0.1,
     line_search_batch: str = "same",
+    tensorboard: bool = True,
 ) -> dict[str, Any]:
     """Trains a model; resumes from ``run_dir``'s newest intact checkpoint if there is one.
 
@@ -738,7 +802,12 @@ def train(
       mode: ``"train"``; ``"dry_run"``: build everything, run one step, write
         nothing; ``"shapes"``: build the model and optimizer state abstractly
         (``jax.eval_shape``) and trace one step: no data, no compute, for
-        checking configs too big for this machine.
+        checking configs too big for this machine; ``"memory"``: as
+        ``"shapes"``, and compile the step for the mesh and report XLA's memory
+        analysis of it (``"memory"``: bytes per device, see :func:`_memory_of`;
+        simulated CPU devices, ``XLA_FLAGS=--xla_force_host_platform_device_count=8``,
+        stand in for accelerators); ``"print_config"``: as ``"shapes"``, and
+        return the operative gin config (``"config"``).
       restart: start ``run_dir`` over from step 0, deleting what an earlier
         run wrote there (metrics, configs, checkpoints). Without it, a folder
         with metrics but no checkpoint to resume is refused.
@@ -795,6 +864,8 @@ def train(
       line_search_batch: ``"same"``: optimizers score line-search candidates on
         the step's batch; ``"next"``: on one more batch drawn per step (counted
         in ``tokens``).
+      tensorboard: also write every logged scalar as TensorBoard events in
+        ``run_dir`` (beside ``metrics.jsonl``; ``tensorboard --logdir runs``).
 
     A SIGTERM (in the main thread) ends the run after the current step, with a
     checkpoint of it and ``stop_reason="sigterm"``.
@@ -840,9 +911,15 @@ def train(
         shardings = dist.step_shardings(device_mesh, abstract_params, abstract_state)
         step_fn = make_train_step(tx, loss_fn, check_grads=not second_order,
                                   chunk_size=microbatch_size, shardings=shardings, explain=True)
-        if mode == "shapes":
-            return _trace_shapes(abstract_params, abstract_state, step_fn, batch_size=batch_size,
-                                 seq_len=seq_len, next_batch=line_search_batch == "next")
+        if mode == "print_config":
+            _trace_shapes(abstract_params, abstract_state, step_fn, batch_size=batch_size,
+                          seq_len=seq_len, next_batch=line_search_batch == "next")
+            return {"config": gin.operative_config_str()}
+        if mode in ("shapes", "memory"):
+            out = _trace_shapes(abstract_params, abstract_state, step_fn, batch_size=batch_size,
+                                seq_len=seq_len, next_batch=line_search_batch == "next",
+                                compile_step=mode == "memory")
+            return {**out, "devices": device_mesh.devices.size, "mesh": dict(device_mesh.shape)}
         source = None if init_from is None else _open_init_from(init_from)
         train_tokens, val_tokens = _load_tokens(data, val_data)
         _check_vocab(abstract_params, {"train": train_tokens, "validation": val_tokens},
@@ -877,6 +954,8 @@ def train(
     say(f"model: {models.describe(params)}")
     say(f"mesh: data {device_mesh.shape['data']} x fsdp {device_mesh.shape['fsdp']} "
         f"({device_mesh.devices.size} device(s), {processes} process(es))")
+    if mode == "train":
+        say(_config_banner(gin.operative_config_str()))
 
     dry_run = mode == "dry_run"
     checkpointer = None
@@ -904,7 +983,8 @@ def train(
         say(f"resuming {run_dir} from step {meta['step']}")
         if meta["stop_reason"] == "nonfinite":  # stopped by the guard: count afresh
             meta["nonfinite_in_a_row"] = 0
-    log = MetricsLog(run_dir, resume_step=meta["step"]) if primary and not dry_run else None
+    log = (MetricsLog(run_dir, resume_step=meta["step"], tensorboard=tensorboard)
+           if primary and not dry_run else None)
     summary = {"step": meta["step"], "loss": None, "val_loss": None, "tokens": meta["tokens"],
                "wall_s": meta["wall_s"], "tokens_per_s": None, "stop_reason": meta["stop_reason"],
                "nonfinite_skipped": meta["nonfinite_skipped"],
@@ -923,6 +1003,8 @@ def train(
     if meta["stop_reason"] == "target_loss" or meta["step"] >= num_steps:
         say(f"{run_dir} is already finished at step {meta['step']}")
         checkpointer.close()
+        if log:
+            log.close()
         check_skipped(meta["step"], meta["nonfinite_skipped"])
         return summary
 
@@ -934,8 +1016,9 @@ def train(
     leaf_names = float_leaf_names(params)
     start = time.perf_counter()
     rate_start = rate_tokens = None  # throughput clock starts after the first (compiling) step
-    bar = tqdm(total=num_steps, initial=step, unit="step", dynamic_ncols=True,
-               disable=dry_run or not primary, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    logged_at = None  # (time, tokens) at the first step, then at each record: tokens/s
+    # The progress bar starts after the first step, so its rate and ETA leave out compilation.
+    bar = _NoBar()
 
     def save(stop_reason: str | None) -> None:
         state.update(params=params, opt_state=opt_state)
@@ -952,6 +1035,8 @@ def train(
                 if step:
                     save("data_missing")
                 checkpointer.close()
+                if log:
+                    log.close()
                 saved = f"checkpoint of step {step} in {checkpointer.directory}; " if step else ""
                 raise DataSourceError(
                     f"{vanished or 'a token shard vanished on another process'} after step "
@@ -996,20 +1081,37 @@ def train(
             summary.update(step=step, loss=loss, tokens=tokens, wall_s=record["wall_s"],
                            stop_reason=stop_reason, nonfinite_skipped=skipped, params=params,
                            opt_state=opt_state)
-            bar.update(1)
+            if isinstance(bar, _NoBar):
+                if not (dry_run or not primary):
+                    say(f"step {step} (compiling the step included) took "
+                        f"{now - start:.1f} s")
+                bar = tqdm(total=num_steps, initial=step, unit="step", dynamic_ncols=True,
+                           disable=dry_run or not primary,
+                           mininterval=0.5 if sys.stderr.isatty() else 30.0)
+            else:
+                bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{summary['tokens_per_s'] or 0:,.0f}",
                             refresh=False)
             if dry_run:
                 bar.close()
                 return summary
             if log and (step % log_every == 0 or "val_loss" in record or stop_reason):
+                if logged_at is not None and tokens > logged_at[1]:
+                    record["tokens_per_s"] = (tokens - logged_at[1]) / (now - logged_at[0])
+                    logged_at = (now, tokens)
                 log.write({**diagnostics, **record})
+            if logged_at is None:  # after the first (compiling) step: the throughput clock
+                logged_at = (now, tokens)
             if primary and step == meta["step"] + 1:
                 _record_config(run_dir, step, gin.operative_config_str())
+                if log:
+                    log.text("config", gin.operative_config_str(), step)
             if stop_reason == "nonfinite":
                 bar.close()
                 save(stop_reason)  # rejected steps changed nothing: the last finite state
                 checkpointer.close()
+                if log:
+                    log.close()
                 last_good = step - math.ceil(in_a_row / grad_accum_steps)
                 what = _nonfinite_report(rejected[0], leaf_names, rejected[1])
                 raise NonFiniteError(
@@ -1024,6 +1126,8 @@ def train(
             if stop_reason:
                 bar.close()
                 checkpointer.close()
+                if log:
+                    log.close()
                 if stop_reason != "sigterm":
                     check_skipped(step, skipped)
                 return summary
@@ -1044,8 +1148,11 @@ def _start_processes() -> None:
 
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-GIN_DIR = os.path.join(os.path.dirname(PACKAGE_DIR), "gin")
-"""The repository's ``gin/`` folder (next to the ``gnopt`` package)."""
+_REPOSITORY_GIN_DIR = os.path.join(os.path.dirname(PACKAGE_DIR), "gin")
+GIN_DIR = (_REPOSITORY_GIN_DIR if os.path.isfile(os.path.join(_REPOSITORY_GIN_DIR, "quickstart.gin"))
+           else os.path.join(PACKAGE_DIR, "gin"))
+"""gnopt's experiments: the repository's ``gin/`` folder (next to the ``gnopt`` package) in a
+checkout or editable install, else the copy a wheel installs as ``gnopt/gin``."""
 
 
 def _resolve_gin_file(name: str, including: str | None) -> str:
@@ -1092,11 +1199,55 @@ def _gin_includes_relative_to_including_file():
         gin.config.parse_config_file = original
 
 
+DEFAULT_GIN_FILE = "quickstart.gin"
+"""What ``python -m gnopt.train`` without ``--gin_file`` runs."""
+
+
+def _train_options_help() -> str:
+    """``--help``'s list of the gin-configurable arguments of :func:`train`, with their
+    defaults and descriptions (from its docstring)."""
+    doc = inspect.getdoc(train) or ""
+    described: dict[str, str] = {}
+    args_section = doc.split("Args:", 1)[1].split("\n\n", 1)[0] if "Args:" in doc else ""
+    for match in re.finditer(r"^  (\w+(?:, \w+)*): (.*?)(?=^  \w|\Z)", args_section,
+                             re.M | re.S):
+        text = re.sub(r":\w+:`~?([^`]+)`", r"\1", " ".join(match[2].split()))
+        text = re.sub(r"``([^`]+)``", r"\1", text)
+        for name in match[1].split(", "):
+            described[name] = text
+    hidden = {"run_dir", "mode", "restart", "allow_config_change"}
+    lines = ["gin-configurable options of train (set with --gin_param 'train.NAME = VALUE'; "
+             "the value shown is the default):"]
+    for name, parameter in inspect.signature(train).parameters.items():
+        if name in hidden:
+            continue
+        lines.append(f"  train.{name} = {_gin_value(parameter.default)}")
+        if described.get(name):
+            lines += textwrap.wrap(described[name], 78, initial_indent="      ",
+                                   subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def _gin_value(value) -> str:
+    """``value`` as written in a gin file."""
+    for name, configurable in registry.CONFIGURABLES.items():
+        if configurable is value:
+            return f"@{name}"
+    if value is softmax_cross_entropy:
+        return "%gnopt.losses.softmax_cross_entropy"
+    return repr(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m gnopt.train",
-                                     description="Train a model from gin files.")
-    parser.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable)")
+    parser = argparse.ArgumentParser(
+        prog="python -m gnopt.train",
+        description="Train a model from gin files (default: quickstart.gin, the tiny LLaMA on "
+                    "the embedded corpus). gin files are looked up in the current folder, then "
+                    f"in gnopt's experiments ({GIN_DIR}).",
+        epilog=_train_options_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gin_file", action="append", default=[],
+                        help="gin config file (repeatable), e.g. quickstart.gin, 45m_gn.gin")
     parser.add_argument("--gin_param", action="append", default=[],
                         help="one gin binding, e.g. 'train.num_steps = 10' (repeatable)")
     parser.add_argument("--run_dir", help="run folder (default: runs/<first gin file's name>)")
@@ -1104,7 +1255,12 @@ def main(argv: list[str] | None = None) -> int:
     modes.add_argument("--dry_run", action="store_true",
                        help="build everything, run one step, write nothing")
     modes.add_argument("--shapes_only", action="store_true",
-                       help="build abstractly and trace one step: no data, no compute")
+                       help="build abstractly, trace and compile one step for the mesh, and "
+                            "report its peak memory per device (XLA's memory analysis): no "
+                            "data, no compute")
+    modes.add_argument("--print_config", action="store_true",
+                       help="print the operative gin config (model and optimizer built "
+                            "abstractly, one step traced; no data, no compute) and exit")
     parser.add_argument("--restart", action="store_true",
                         help="start the run folder over from step 0, deleting the metrics, "
                              "configs and checkpoints of an earlier run in it")
@@ -1113,7 +1269,7 @@ def main(argv: list[str] | None = None) -> int:
                              "kept in RUN_DIR/configs/from_step_<k>.gin)")
     args = parser.parse_args(argv)
     if not args.gin_file:
-        parser.error("give at least one --gin_file")
+        args.gin_file = [DEFAULT_GIN_FILE]
     run_dir = args.run_dir or os.path.join(
         "runs", os.path.splitext(os.path.basename(args.gin_file[0]))[0])
     original_format = warnings.formatwarning
@@ -1147,7 +1303,8 @@ def _main(args: argparse.Namespace, run_dir: str) -> int:
         logging.disable(logging.NOTSET)
     try:
         _start_processes()
-        mode = "dry_run" if args.dry_run else "shapes" if args.shapes_only else "train"
+        mode = ("dry_run" if args.dry_run else "memory" if args.shapes_only
+                else "print_config" if args.print_config else "train")
         summary = train(run_dir, mode=mode, restart=args.restart,
                         allow_config_change=args.allow_config_change)
     except (ConfigError, CheckpointMismatchError) as e:
@@ -1167,7 +1324,12 @@ def _main(args: argparse.Namespace, run_dir: str) -> int:
               f"{os.path.join(os.path.abspath(run_dir), CHECKPOINT_DIR)}-corrupt; re-run with "
               "--restart to start over from step 0", file=sys.stderr)
         return EXIT_NO_INTACT_CHECKPOINT
+    if "config" in summary:
+        print(summary["config"].rstrip())
+        return 0
     if "num_params" in summary:
+        if summary.get("memory"):
+            print(memory_line(summary["memory"], summary["devices"], summary["mesh"]))
         print(f"shapes check passed: {summary['num_params']:,} parameters")
         return 0
     if summary["stop_reason"] == "sigterm":

@@ -7,6 +7,9 @@ Item → test (the command each shows is in its docstring):
 4 ``test_rerun_after_no_intact_checkpoint_*``; 5 ``test_metrics_file_is_strict_json_lines``;
 6 ``test_run_dir_that_is_a_file_is_refused_before_any_data``; 7 ``test_single_text_file_*``;
 8 ``test_gin_file_outside_gin_folder_includes_a_repo_config``; 9 ``test_nonfinite_stop_*``.
+
+Issue 18 item 5 (the command line): ``test_help_lists_the_gin_options_of_train``,
+``test_print_config_*``, ``test_run_prints_its_config_and_its_bar_starts_after_compiling``.
 """
 
 import json
@@ -351,3 +354,58 @@ def test_gin_file_outside_gin_folder_includes_a_repo_config(tmp_path, cache, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"gnopt.train: config error: include 'nowhere.gin' in {wrong}: no such file "
                    f"in {tmp_path} or {ROOT / 'gin'}"], err
+
+
+def test_help_lists_the_gin_options_of_train(capsys):
+    """``python -m gnopt.train --help`` → every gin-configurable argument of ``train`` with
+    its default and description, e.g. ``train.batch_size = 16``."""
+    import inspect
+
+    from gnopt import train as train_lib
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_lib.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    hidden = {"run_dir", "mode", "restart", "allow_config_change"}
+    for name in inspect.signature(train_lib.train).parameters:
+        assert (f"  train.{name} = " in out) != (name in hidden), name
+    assert "  train.batch_size = 16\n      [B, T] of one (micro-)batch" in out
+    assert "train.loss_fn = %gnopt.losses.softmax_cross_entropy" in out
+    assert "--print_config" in out
+
+
+def test_print_config_without_a_gin_file_is_the_quickstart(tmp_path, monkeypatch, capsys):
+    """``python -m gnopt.train --print_config`` (no ``--gin_file``: quickstart.gin) → exit 0,
+    the operative config (layerwise GN, 30 steps), nothing run or written."""
+    monkeypatch.chdir(tmp_path)
+    assert tiny_cli.run_here(["--print_config"]) == 0
+    out = capsys.readouterr().out
+    assert "gauss_newton.curvature = @gnopt.curvature.layerwise()" in out
+    assert "train.num_steps = %NUM_STEPS" in out and "NUM_STEPS = 30" in out
+    assert "model:" not in out and not list(tmp_path.iterdir())
+
+
+def test_run_prints_its_config_and_its_bar_starts_after_compiling(tmp_path, shards, cache,
+                                                                  capsys, monkeypatch):
+    """A run prints its operative config first; the progress bar (its rate and ETA) starts
+    after the first step, which compiles, with a line saying how long that took."""
+    from gnopt import train as train_lib
+
+    made = []
+
+    class Bar(train_lib.tqdm):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs["initial"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(train_lib, "tqdm", Bar)
+    with tiny_cli.compilation_cache(cache):
+        code = tiny_cli.run_here(tiny_cli.argv("tiny_adamw.gin", tmp_path / "run", shards,
+                                               "NUM_STEPS = 3"))
+    assert code == 0
+    out = capsys.readouterr().out
+    assert made == [1]
+    config = out.index("operative gin config (RUN_DIR/config.gin):")
+    assert out.index("  train.batch_size = 16", config) < out.index("step 1 (compiling")
+    assert out.strip().splitlines()[-1].startswith("step 3: loss")

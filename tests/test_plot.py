@@ -49,3 +49,16 @@ def test_plot_runs_accepts_log_scale(tmp_path, log_y):
     _write_run(tmp_path / "r", [3.0, 2.0, 1.5])
     plot.plot_runs([str(tmp_path / "r")], str(tmp_path / "r.png"), log_y=log_y)
     assert (tmp_path / "r.png").exists()
+
+
+def test_axes_say_nats_per_token_and_what_x_counts(tmp_path, monkeypatch):
+    """Issue 18 item 5: the loss is labelled in nats per token; the x axes name what they
+    count (optimizer steps, training tokens)."""
+    _write_run(tmp_path / "run_a", [3.0, 2.0])
+    labels = []
+    monkeypatch.setattr(plot.plt, "close", lambda fig: labels.extend(
+        (ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes))
+    plot.plot_runs([str(tmp_path / "run_a")], str(tmp_path / "a.png"))
+    assert [y for _, y in labels] == ["loss (cross-entropy, nats per token)"] * 2
+    assert labels[0][0] == "optimizer steps"
+    assert labels[1][0].startswith("training tokens")

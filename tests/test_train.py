@@ -52,10 +52,19 @@ def _fresh_gin():
 def _run(run_dir, *params, gin_file="tiny_adamw.gin", extra=()):
     """``python -m gnopt.train`` in this process; returns the exit code."""
     gin.clear_config()
-    argv = ["--gin_file", str(GIN / gin_file), "--run_dir", str(run_dir), *extra]
+    argv = ["--gin_file", str(GIN / gin_file), *extra]
+    if run_dir is not None:
+        argv += ["--run_dir", str(run_dir)]
     for p in [*SMALL, *params]:
         argv += ["--gin_param", p]
     return train_lib.main(argv)
+
+
+def _parse(gin_file, *params):
+    """Parses a gin file as ``python -m gnopt.train`` does (includes found the same way)."""
+    gin.clear_config()
+    with train_lib._gin_includes_relative_to_including_file():
+        gin.parse_config_files_and_bindings([str(GIN / gin_file)], list(params))
 
 
 def _losses(run_dir):
@@ -105,16 +114,52 @@ def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, gin_file, params):
     assert [r["step"] for r in b] == list(range(1, 8))
     for key in ("loss", "tokens", "val_loss"):
         assert [r.get(key) for r in a] == [r.get(key) for r in b], key
+    # TensorBoard: the redone step 5 is purged, as in metrics.jsonl (issue 18 item 2).
+    losses = _tensorboard_scalars(resumed)["loss"]
+    assert [step for step, _ in losses] == list(range(1, 8))
+    np.testing.assert_allclose([v for _, v in losses], [r["loss"] for r in a], rtol=1e-6)
 
 
-def test_gauss_newton_diagnostics_are_logged(tmp_path):
-    run = tmp_path / "gn"
-    assert _run(run, "NUM_STEPS = 2", "train.eval_every = 0",
-                "gnopt.solvers.inner_optimizer.inner_batch_size = 4", gin_file="tiny_gn_full.gin") == 0
-    record = read_metrics(run)[-1]
+def _tensorboard_scalars(run_dir):
+    """``{tag: [(step, value), ...]}`` read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
+
+
+def test_gauss_newton_diagnostics_are_logged_to_jsonl_and_tensorboard(tmp_path):
+    """GN diagnostics are logged; and (issue 18 item 2) every scalar of ``metrics.jsonl``
+    (loss, val_loss, step size, ρ, damping, CG iterations, tokens/s, skipped steps) is a
+    TensorBoard scalar of the same name and value, read back with TensorBoard's
+    ``EventAccumulator``; the operative config is a text entry."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "cg"
+    assert _run(run, "NUM_STEPS = 3", "train.eval_every = 3", "gnopt.solvers.cg.max_iters = 3",
+                "gnopt.gauss_newton.damping = @gnopt.control.damping_controller()",
+                gin_file="tiny_gn_cg.gin") == 0
+    records = read_metrics(run)
     for key in ("loss_before", "step_size", "update_norm", "line_search_loss"):
-        assert np.isfinite(record[key]), key
-    assert record["tokens"] == 2 * 2 * 8 * 32  # a fresh line-search batch per step
+        assert np.isfinite(records[-1][key]), key
+    assert records[-1]["tokens"] == 3 * 2 * 8 * 32  # a fresh line-search batch per step
+    assert any(p.name.startswith("events.out.tfevents") for p in run.iterdir())
+    scalars = _tensorboard_scalars(run)
+    for key in ("loss", "val_loss", "step_size", "rho", "damping", "cg_iterations",
+                "tokens_per_s", "skipped", "nonfinite_skipped", "tokens", "wall_s"):
+        expected = [(r["step"], r[key]) for r in records
+                    if isinstance(r.get(key), (int, float)) and np.isfinite(r[key])]
+        assert expected, key
+        steps, values = zip(*scalars[key])
+        assert list(steps) == [s for s, _ in expected], key
+        np.testing.assert_allclose(values, [float(v) for _, v in expected], rtol=1e-6,
+                                   err_msg=key)
+    assert [s for s, _ in scalars["tokens_per_s"]] == [2, 3]  # the compiling step left out
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert "config/text_summary" in events.Tags()["tensors"]
 
 
 def _mse(outputs, targets):
@@ -264,10 +309,27 @@ def test_gin_files_exist():
 
 
 @pytest.mark.parametrize("gin_file", ALL_GIN_FILES)
-def test_gin_file_builds_and_traces_a_step(gin_file, capsys):
-    """Every config, at its own sizes: model, optimizer state and one step, abstractly."""
-    assert train_lib.main(["--gin_file", str(GIN / gin_file), "--shapes_only"]) == 0
-    assert "shapes check passed" in capsys.readouterr().out
+def test_gin_file_builds_and_traces_a_step(gin_file):
+    """Every config, at its own sizes: model, optimizer state and one step, abstractly
+    (traced, not compiled: ``train(mode="shapes")``)."""
+    _parse(gin_file)
+    summary = train_lib.train(mode="shapes")
+    assert summary["num_params"] > 0 and "memory" not in summary
+
+
+def test_shapes_only_reports_the_compiled_steps_peak_memory(capsys):
+    """Issue 18 item 6: ``--shapes_only`` compiles the step for the mesh and prints XLA's
+    memory analysis per device; AdamW's arguments hold parameters and both moments."""
+    assert _run(None, extra=["--shapes_only"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-2].startswith("peak memory per device of the compiled step: ")
+    assert out[-2].endswith("on 1 device(s), mesh data 1 x fsdp 1")
+    assert out[-1].startswith("shapes check passed: ")
+    _parse("tiny_adamw.gin", *SMALL)
+    summary = train_lib.train(mode="memory")
+    memory, params = summary["memory"], summary["num_params"]
+    assert memory["arguments"] >= 3 * 4 * params  # float32 θ, μ, ν
+    assert memory["peak"] >= memory["arguments"] + memory["temporaries"]
 
 
 @pytest.mark.slow

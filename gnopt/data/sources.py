@@ -27,13 +27,15 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from gnopt.data import bin_format
+
 BOS_BYTE = 0
 """Byte put before every document by the byte-level sources (NUL: absent from text)."""
 VALIDATION_EVERY = 20
 """About one file in this many goes to the validation split."""
-SHARD_MAGIC = 20240520
-"""Magic number of llm.c token shards (``.bin``)."""
-SHARD_HEADER_INTS = 256
+SHARD_MAGIC = bin_format.UINT16_MAGIC
+"""Magic number of llm.c token shards with uint16 tokens (``.bin``)."""
+SHARD_HEADER_INTS = bin_format.HEADER_INTS
 _SPLITS = ("train", "validation", "all")
 _SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
@@ -153,21 +155,8 @@ def stdlib_corpus(split: str = "train", max_bytes: int | None = None) -> np.ndar
 
 
 def _read_bin_shard(path: Path) -> np.ndarray:
-    """Memory-maps an llm.c shard: 256 int32 header (magic, version 1, count), uint16 tokens."""
-    size = path.stat().st_size
-    header_bytes = SHARD_HEADER_INTS * 4
-    if size < header_bytes:
-        raise ValueError(f"{path}: truncated token shard ({size} bytes, header alone is "
-                         f"{header_bytes})")
-    magic, version, count = np.fromfile(path, dtype="<i4", count=3)
-    if magic != SHARD_MAGIC:
-        raise ValueError(f"{path}: bad magic {magic} in token shard header, expected {SHARD_MAGIC}")
-    if version != 1:
-        raise ValueError(f"{path}: unsupported token shard version {version}, expected 1")
-    if size != header_bytes + 2 * count:
-        raise ValueError(f"{path}: truncated or corrupt token shard: header says {count} "
-                         f"tokens ({header_bytes + 2 * count} bytes), file has {size} bytes")
-    return np.memmap(path, dtype="<u2", mode="r", offset=header_bytes, shape=(int(count),))
+    """Memory-maps an llm.c shard (see :mod:`gnopt.data.bin_format`)."""
+    return bin_format.read_shard(path)
 
 
 def _read_npy_shard(path: Path) -> np.ndarray:
@@ -287,9 +276,11 @@ def max_token_ids(tokens) -> list[tuple[str | None, int]]:
 def token_shards(paths: PathLike | Sequence[PathLike]) -> np.ndarray | ShardedTokens:
     """Tokens of pre-tokenised shards: ``.npy`` (1-D integer arrays) and llm.c ``.bin``.
 
-    ``.bin`` is the llm.c / FineWeb format: a header of 256 little-endian int32
-    (magic 20240520, version 1, token count, rest unused) then ``count`` uint16
-    tokens. Shards are memory-mapped.
+    ``.bin`` is the llm.c / FineWeb format (:mod:`gnopt.data.bin_format`): a
+    header of 256 little-endian int32 (magic 20240520, version 1, token count,
+    rest zero) then ``count`` uint16 tokens, or magic 20240801, version 7 and
+    uint32 tokens; ``python -m gnopt.data.prepare`` writes them. Shards are
+    memory-mapped.
 
     Args:
       paths: shard files, folders (their ``.bin``/``.npy`` files, sorted) or glob
