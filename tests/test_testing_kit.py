@@ -1,5 +1,6 @@
 """Tests of gnopt.testing: problems, strategies, and that the checks pass and fail honestly."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,3 +157,39 @@ def test_bad_problem_configs_raise():
         gt.SmallMLP.random(0, loss="hinge")
     with pytest.raises(ValueError, match="condition"):
         gt.Quadratic.random(0, condition=0.5)
+
+
+def test_matrix_and_dense_quadratics_match_the_vector_one():
+    problem = gt.Quadratic.random(0, dim=5, condition=30.0, outputs=3)
+    dense = gt.DenseQuadratic.from_quadratic(problem)
+    eigenvalues = np.linalg.eigvalsh(np.asarray(problem.hessian(), np.float64))
+    np.testing.assert_allclose([eigenvalues.min(), eigenvalues.max()], [1 / 30, 1.0], rtol=1e-4)
+    np.testing.assert_allclose(dense.hessian(), problem.hessian(), rtol=1e-6)
+    assert problem.params.shape == dense.params.weight.shape == (5, 3)
+    assert float(problem.loss(problem.params)) == float(dense.loss(dense.params))
+    hessian = jax.hessian(lambda x: problem.loss(x.reshape(5, 3)))(problem.params.reshape(-1))
+    np.testing.assert_allclose(hessian, np.kron(problem.hessian(), np.eye(3)), atol=1e-6)
+
+
+_SEEN = {}
+
+
+def _impure(updates, state, params=None, **_):
+    _SEEN["last"] = _SEEN.get("last", 0) + 1
+    return jax.tree.map(lambda u: -0.1 * u * _SEEN["last"], updates), state
+
+
+def test_impure_updates_are_named_not_misdiagnosed():
+    with pytest.raises(AssertionError, match=r"\(a\) update\(\) is not pure: the same inputs"):
+        gt.check_optimizer_contract(_transform(_impure), PARAMS, dtypes=(jnp.float32,))
+
+    class Counted(eqx.Module):
+        count: int = eqx.field(static=True)
+
+    def static_counter(updates, state, params=None, **_):
+        return jax.tree.map(lambda u: -0.1 * u, updates), Counted(state.count + 1)
+
+    with pytest.raises(AssertionError, match=r"^Quadratic: the transform failed inside a jitted "
+                                             r"lax.scan .*TypeError.*check_all names which\)$"):
+        gt.check_preconditioner(_transform(static_counter, lambda p: Counted(0)),
+                                gt.Quadratic.random(0), steps=3)

@@ -1,7 +1,8 @@
 """The shared contract every gnopt optimizer passes, and a descent property check.
 
 :func:`check_optimizer_contract` checks what lets a transform chain with any
-optax transform and compile once (architecture.md "Pure and composable"):
+optax transform (Gauss-Newton pieces pass ``batch=...`` to every transform of a
+chain) and compile once:
 
 (a) ``update`` accepts and ignores unknown keyword arguments
     (optax's ``GradientTransformationExtraArgs`` convention);
@@ -70,13 +71,25 @@ def _run_steps(tx, params, grads_per_step: Sequence[Any], kwargs: dict, label: s
     try:
         first, ignored = with_and_without_unknown_kwarg(grads_per_step[0], state, params, kwargs)
     except TypeError as err:
-        if UNKNOWN_KWARG not in str(err):
+        if "unexpected keyword argument" not in str(err):
             raise
         raise AssertionError(
-            f"{label}: (a) update() rejects the unknown keyword argument {UNKNOWN_KWARG!r} "
-            f"({err}); build it as an optax.GradientTransformationExtraArgs") from err
-    pairs = zip(jax.tree.leaves(first), jax.tree.leaves(ignored))
-    if not all(np.array_equal(a, b) for a, b in pairs):
+            f"{label}: (a) update() rejects a keyword argument "
+            f"({err}); build it as an optax.GradientTransformationExtraArgs, or wrap it: "
+            "optax.with_extra_args_support(tx)") from err
+
+    def same(a, b):
+        return all(np.array_equal(x, y, equal_nan=True)
+                   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    if not same(first, ignored):
+        # the same call twice, eagerly and without the unknown argument: an impure update
+        # (state kept outside its returned state) differs too, and is named as such
+        if not same(tx.update(grads_per_step[0], state, params, **kwargs)[0],
+                    tx.update(grads_per_step[0], state, params, **kwargs)[0]):
+            raise AssertionError(
+                f"{label}: (a) update() is not pure: the same inputs twice gave different "
+                "updates (state kept outside the returned state: a Python dict, a closure)")
         raise AssertionError(f"{label}: (a) an unknown keyword argument changed the updates")
 
     traces = []
@@ -189,6 +202,14 @@ def check_preconditioner(
 ) -> DescentReport:
     """Descent property: ``steps`` updates on ``problem`` lower its loss.
 
+    ``make_tx`` builds a whole optimizer: its updates are added to the
+    parameters, so the sign and the learning rate are its own (``optax.sgd(0.1)``,
+    not ``optax.identity()``). For a preconditioner alone, and for every other
+    check at once, use :func:`gnopt.testing.check_all` (``mode="preconditioner"``).
+    A bare ``optax.GradientTransformation`` is wrapped in
+    ``optax.with_extra_args_support`` here (it gets ``batch=...``);
+    :func:`check_optimizer_contract` reports that it needs the wrap.
+
     Each step is ``grads = jax.grad(problem.loss)(params)``;
     ``updates, state = tx.update(grads, state, params, batch=problem.batch)``;
     ``params = optax.apply_updates(params, updates)`` (all steps in one ``lax.scan``).
@@ -204,7 +225,8 @@ def check_preconditioner(
       The :class:`DescentReport`.
 
     Raises:
-      AssertionError: the loss is not finite, did not decrease, or is not within ``tol``.
+      AssertionError: the loss is not finite, did not decrease, or is not within
+        ``tol``; or the transform failed under ``jit``/``lax.scan`` (one line).
       ValueError: ``tol`` is given but the problem has no exact solution.
     """
     if tol is not None and problem.solution is None:
@@ -227,8 +249,16 @@ def check_preconditioner(
         optimal = None if solution is None else problem.loss(solution)
         return problem.loss(params), problem.loss(final), optimal
 
-    initial, final, optimal = jax.tree.map(float, run(problem.params, solution))
     name = type(problem).__name__
+    try:
+        initial, final, optimal = jax.tree.map(float, run(problem.params, solution))
+    except Exception as err:  # one line, never a raw traceback from inside lax.scan
+        lines = str(err).strip().splitlines()
+        raise AssertionError(
+            f"{name}: the transform failed inside a jitted lax.scan of {steps} steps: "
+            f"{type(err).__name__}: {lines[0][:300] if lines else ''} (an update that keeps state "
+            "outside its returned state, or a state whose structure or dtypes change between "
+            "steps, fails here; gnopt.testing.check_all names which)") from err
     if not final < initial:
         raise AssertionError(
             f"{name}: loss did not decrease over {steps} steps: {initial} -> {final}")

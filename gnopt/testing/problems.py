@@ -84,6 +84,11 @@ class Quadratic(AbstractProblem):
     ``A = RᵀR / d`` (also the Gauss–Newton matrix, exactly), ``b = Rᵀc / d`` and
     ``x* = R⁻¹ c``. :meth:`random` draws ``A``'s eigenvalues log-spaced in
     ``[1/condition, 1]`` (largest curvature ``L = 1``).
+
+    With ``outputs=q`` the parameters are a ``(dim, q)`` matrix ``X`` and the
+    targets ``(dim, q)``: ``L(X) = ½ mean((R X − C)²)``, the same quadratic in
+    each column (Hessian ``I_q ⊗ A``, eigenvalues still in ``[1/condition, 1]``),
+    so matrix preconditioners (Muon, SOAP, Shampoo, K-FAC) see a matrix leaf.
     """
 
     params: Array
@@ -94,22 +99,66 @@ class Quadratic(AbstractProblem):
     loss_fn: ClassVar[Callable] = mean_squared_error
 
     @classmethod
-    def random(cls, seed: int, dim: int = 4, condition: float = 10.0) -> Quadratic:
-        """A random quadratic in ``dim`` variables with the given condition number."""
-        if dim < 1 or not condition >= 1:
-            raise ValueError(f"Quadratic: need dim >= 1 and condition >= 1, got {dim}, {condition}")
+    def random(cls, seed: int, dim: int = 4, condition: float = 10.0,
+               outputs: int | None = None) -> Quadratic:
+        """A random quadratic in ``dim`` variables (``dim × outputs`` with ``outputs``)."""
+        if dim < 1 or not condition >= 1 or (outputs is not None and outputs < 1):
+            raise ValueError(f"Quadratic: need dim >= 1, condition >= 1 and outputs >= 1, got "
+                             f"{dim}, {condition}, {outputs}")
         rng = np.random.default_rng(seed)
         basis, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
         eigenvalues = np.logspace(0.0, -np.log10(condition), dim)
-        design = np.sqrt(dim * eigenvalues)[:, None] * basis.T
-        targets = rng.standard_normal(dim)
+        design = np.sqrt(dim * (outputs or 1) * eigenvalues)[:, None] * basis.T
+        shape = (dim,) if outputs is None else (dim, outputs)
+        targets = rng.standard_normal(shape)
         return cls(
-            params=_float32(rng.standard_normal(dim)), inputs=_float32(design),
+            params=_float32(rng.standard_normal(shape)), inputs=_float32(design),
             targets=_float32(targets), solution=_lstsq(design, targets))
 
     def hessian(self) -> Array:
-        """``A = RᵀR / d``."""
-        return self.inputs.T @ self.inputs / self.inputs.shape[0]
+        """``A = RᵀR / (d q)`` (``q = 1`` for a vector ``x``): the Hessian of each column."""
+        outputs = 1 if self.targets.ndim == 1 else self.targets.shape[1]
+        return self.inputs.T @ self.inputs / (self.inputs.shape[0] * outputs)
+
+
+def dense_apply(params, inputs, tap=None):
+    """``apply_fn`` of :class:`DenseQuadratic`: its dense layer, tap-aware (for K-FAC)."""
+    return params(inputs, tap)
+
+
+class DenseQuadratic(AbstractProblem):
+    """A matrix :class:`Quadratic` whose ``X`` is the weight of a dense layer.
+
+    ``params`` is a :class:`gnopt.models.layers.Linear` named ``"dense"``
+    (no bias) and ``apply_fn`` is :func:`dense_apply`, which passes K-FAC's tap
+    on (``gnopt.kfac(gnopt.testing.dense_apply, ...)``): optimizers that find
+    dense layers in an equinox model see one here. Same loss, Hessian and
+    solution as the :class:`Quadratic` it is made from.
+    """
+
+    params: Any
+    inputs: Array
+    targets: Array
+    solution: Any
+    apply_fn: ClassVar[Callable] = staticmethod(dense_apply)
+    loss_fn: ClassVar[Callable] = mean_squared_error
+
+    @classmethod
+    def from_quadratic(cls, problem: Quadratic) -> DenseQuadratic:
+        """The same problem with ``X`` (``(dim, q)``, ``outputs`` given) in a dense layer."""
+        from gnopt.models.layers import Linear
+
+        if problem.params.ndim != 2:
+            raise ValueError("DenseQuadratic: needs a matrix Quadratic (Quadratic.random(..., "
+                             f"outputs=q)), got params of shape {problem.params.shape}")
+        layer = Linear(*problem.params.shape, key=jax.random.key(0), name="dense")
+        at = lambda weight: eqx.tree_at(lambda m: m.weight, layer, weight)
+        return cls(params=at(problem.params), inputs=problem.inputs, targets=problem.targets,
+                   solution=at(problem.solution))
+
+    def hessian(self) -> Array:
+        """``A = RᵀR / (d q)``, the Hessian of each column of the weight."""
+        return self.inputs.T @ self.inputs / self.targets.size
 
 
 class LeastSquares(AbstractProblem):
