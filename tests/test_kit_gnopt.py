@@ -43,7 +43,7 @@ OPTIMIZERS = {
     "soap": (False, lambda: gnopt.soap(0.1),
              dict(reference="adam", tol=1e-2, descent_steps=1, allow_zero_steps=True,
                   invariances=("gradient_scale", "rotation")),
-             dict(descent=P, reference=P, edge_cases=F, **{
+             dict(descent=P, reference=P, edge_cases=P, **{
                  "invariance:gradient_scale": F, "invariance:rotation": F})),
     "shampoo": (False, lambda: gnopt.shampoo(0.1),
                 dict(reference="adam", descent_steps=1, invariances=("gradient_scale", "rotation")),

@@ -51,7 +51,10 @@ update beyond round-off:
   no retry in float64 when a float32 ``eigh`` fails (XLA's does not raise);
 * the first moment is kept in the original space (above);
 * statistics and rotations are float32 whatever the parameters' dtype (the
-  authors' are in the gradient's dtype); moments keep the parameters' dtype;
+  authors' are in the gradient's dtype), and so are the moments: in bfloat16
+  the first moment's rounding noise, rotated into directions where the second
+  moment is ~0, made the first update ~10⁴× too long (found by
+  ``gnopt.testing.check_all``'s bf16 edge cases);
 * the learning rate is a float or an optax schedule of the call count (the
   initialising call included, as a PyTorch scheduler stepped after every
   ``optimizer.step()``); the authors' ``data_format='channels_last'`` (a
@@ -267,8 +270,8 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, eps: float = 1e-8,
     def init_fn(params):
         return ScaleBySoapState(
             count=jnp.zeros([], jnp.int32),
-            mu=optax.tree.zeros_like(params),
-            nu=jax.tree.map(lambda p: jnp.zeros(leaf_layout(p)[0], jnp.asarray(p).dtype), params),
+            mu=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
+            nu=jax.tree.map(lambda p: jnp.zeros(leaf_layout(p)[0], jnp.float32), params),
             factors=jax.tree.map(init_leaf, params))
 
     def normalized(d: Array) -> Array:
