@@ -9,7 +9,7 @@ import tempfile
 
 import jax
 
-from gnopt.bench import common, cost, gpu, nls, scaling, steps
+from gnopt.bench import common, cost, gpu, layerwise, nls, scaling, steps
 
 FAST_COMPILE = "jax_disable_most_optimizations"
 SUITES = {
@@ -18,6 +18,7 @@ SUITES = {
     "batch-scaling": (scaling, "steps to target vs batch size, with the gradient noise scale"),
     "gpu": (gpu, "cost and steps-to-target on the 45m model, one GPU"),
     "nls": (nls, "Moré-Garbow-Hillstrom least-squares problems, GN with LM damping"),
+    "layerwise": (layerwise, "layerwise GGN product FLOPs and GN step time, zero-filled vs restricted"),
 }
 OUTPUT_RULE = """\
 where results go:

@@ -1,8 +1,12 @@
-"""GGN operators: full and layerwise (block-diagonal) Gauss-Newton curvature."""
+"""GN models as operator pytrees: the GGN (full), any operator's block diagonal
+(layerwise), and the curvature choices that build them; trust ratio."""
 
 from gnopt.curvature.blocks import default_block_labels, leaf_block_ids
 from gnopt.curvature.ggn import (
     AbstractCurvature,
+    AbstractOperator,
+    BlockDiagonal,
+    block_diagonal,
     FullCurvature,
     LayerwiseCurvature,
     LinearisedModel,
@@ -14,6 +18,6 @@ from gnopt.curvature.ggn import (
 )
 
 __all__ = [
-    "AbstractCurvature", "FullCurvature", "LayerwiseCurvature", "LinearisedModel", "TrustRatio",
+    "AbstractCurvature", "AbstractOperator", "BlockDiagonal", "block_diagonal", "FullCurvature", "LayerwiseCurvature", "LinearisedModel", "TrustRatio",
     "default_block_labels", "full", "ggn_mvp", "layerwise", "leaf_block_ids", "trust_ratio",
 ]

@@ -10,8 +10,9 @@ from gnopt.solvers.inner import (
     prox_linear,
     split_microbatches,
 )
+from gnopt.solvers.objectives import AbstractObjective, ProxLinear, Quadratic
 
 __all__ = [
-    "AbstractSolver", "ConjugateGradient", "InnerOptimizer", "cg", "inner_adamw",
+    "AbstractObjective", "AbstractSolver", "ProxLinear", "Quadratic", "ConjugateGradient", "InnerOptimizer", "cg", "inner_adamw",
     "inner_muon", "inner_optimizer", "prox_linear", "split_microbatches", "working_precision",
 ]

@@ -42,23 +42,18 @@ class ConjugateGradient(AbstractSolver):
     min_window: int = eqx.field(static=True, default=10)
     residual_tol: float = eqx.field(static=True, default=1e-7)
 
-    def solve(self, apply_fn, loss_fn, curvature, params, batch, delta0, damping):
-        return self.solve_with_gradient(apply_fn, loss_fn, curvature, params, batch, delta0,
-                                        damping)[:2]
-
-    def solve_with_gradient(self, apply_fn, loss_fn, curvature, params, batch, delta0, damping):
-        lin = curvature.linearise(apply_fn, loss_fn, params, batch)
-        ids, nb = lin.block_ids, lin.num_blocks
-        g = working_precision(lin.gradient())
-        vdot = lin.block_vdot
+    def minimise(self, operator, gradient, delta0, damping):
+        ids, nb = operator.block_ids, operator.num_blocks
+        g = working_precision(gradient)
+        vdot = operator.block_vdot
 
         def matvec(v):
-            return otu.tree_add_scale(working_precision(lin.ggn_mvp(v)), damping, v)
+            return otu.tree_add_scale(working_precision(operator.mv(v)), damping, v)
 
         def model_value(x, r):  # q_k(x) = ½ x_kᵀ(g_k − r_k) since A x = −g − r
             return 0.5 * vdot(x, otu.tree_sub(g, r))
 
-        x = working_precision(otu.tree_cast_like(delta0, params))
+        x = working_precision(otu.tree_cast_like(delta0, g))
         r = otu.tree_sub(otu.tree_scale(-1.0, g), matvec(x))
         keep = model_value(x, r) <= 0.0  # False for NaN too
         x = _blocks.block_scale(keep.astype(jnp.float32), x, ids)
@@ -102,7 +97,7 @@ class ConjugateGradient(AbstractSolver):
             "cg_iterations": iters,
             "model_value": jnp.sum(hist[iters]),
             "model_history": jnp.sum(hist, axis=1),
-        }, g
+        }
 
 
 def cg(max_iters: int = 50, tol: float = 1e-4, min_window: int = 10,

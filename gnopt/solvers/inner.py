@@ -25,6 +25,7 @@ import optax.tree_utils as otu
 from gnopt._checks import check_int, check_number
 from gnopt.schedules import inner_cosine
 from gnopt.solvers.base import AbstractSolver, working_precision
+from gnopt.solvers.objectives import OBJECTIVES, AbstractObjective
 
 OptimizerOrFactory = optax.GradientTransformation | Callable[[int], optax.GradientTransformation]
 
@@ -63,11 +64,36 @@ class InnerOptimizer(AbstractSolver):
 
     optimizer: OptimizerOrFactory = eqx.field(static=True)
     inner_batch_size: int = eqx.field(static=True)
-    objective: Literal["quadratic", "prox_linear"] = eqx.field(static=True, default="quadratic")
+    objective: Literal["quadratic", "prox_linear"] | AbstractObjective = eqx.field(
+        static=True, default="quadratic")
 
     def __check_init__(self):
-        if self.objective not in ("quadratic", "prox_linear"):
+        if not (isinstance(self.objective, AbstractObjective) or self.objective in OBJECTIVES):
             raise ValueError(f"objective must be 'quadratic' or 'prox_linear', got {self.objective!r}")
+
+    def _objective(self) -> AbstractObjective:
+        obj = self.objective
+        return obj if isinstance(obj, AbstractObjective) else OBJECTIVES[obj]()
+
+    def minimise(self, operator, gradient, delta0, damping, num_steps: int = 100):
+        """``num_steps`` optax steps on ``gᵀΔ + ½ Δᵀ(C + δI)Δ`` (one operator, no
+        micro-batches; the quadratic objective whatever :attr:`objective` says)."""
+        opt = self.optimizer
+        if not isinstance(opt, optax.GradientTransformation):
+            opt = opt(num_steps)
+        delta0 = otu.tree_cast_like(delta0, gradient)
+
+        def step(carry, _):
+            delta, opt_state = carry
+            cd = operator.mv(delta)
+            grad = otu.tree_add_scale(otu.tree_add(gradient, cd), damping, delta)
+            values = operator.block_vdot(gradient, delta) + 0.5 * operator.block_vdot(delta, cd)
+            updates, opt_state = opt.update(grad, opt_state, delta)
+            return (optax.apply_updates(delta, updates), opt_state), jnp.sum(values)
+
+        (delta, _), values = jax.lax.scan(step, (delta0, opt.init(delta0)), length=num_steps)
+        return delta, {"inner_steps": jnp.asarray(num_steps), "model_first": values[0],
+                       "model_last": values[-1]}
 
     def solve(self, apply_fn, loss_fn, curvature, params, batch, delta0, damping):
         delta, stats, _ = self._run(apply_fn, loss_fn, curvature, params, batch, delta0, damping,
@@ -87,12 +113,13 @@ class InnerOptimizer(AbstractSolver):
         if not isinstance(opt, optax.GradientTransformation):
             opt = opt(num_steps)
         delta0 = otu.tree_cast_like(delta0, params)
+        objective = self._objective()
 
         def step(carry, mb):
             delta, opt_state, g_sum = carry
             lin = curvature.linearise(apply_fn, loss_fn, params, mb)
-            values, cotangents = lin.model_terms(delta, self.objective)
-            grad = otu.tree_add_scale(lin.block_pullback(cotangents), damping, delta)
+            values, model_grad = objective.terms(lin, delta)
+            grad = otu.tree_add_scale(model_grad, damping, delta)
             updates, opt_state = opt.update(grad, opt_state, delta)
             if with_gradient:
                 g_sum = otu.tree_add(g_sum, working_precision(lin.gradient()))

@@ -135,7 +135,7 @@ def gauss_newton(
     if not isinstance(solver, AbstractSolver):
         raise TypeError(f"gauss_newton: solver must be a gnopt solver, got {type(solver).__name__}")
     if not isinstance(curvature, AbstractCurvature):
-        raise TypeError(f"gauss_newton: curvature must be gnopt.curvature.full() or layerwise(), got {type(curvature).__name__}")
+        raise TypeError(f"gauss_newton: curvature must be a gnopt.curvature.AbstractCurvature (full(), layerwise(), ...), got {type(curvature).__name__}")
 
     adaptive = isinstance(damping, AbstractController)
     if not adaptive:
