@@ -13,7 +13,8 @@ from gnopt.control import PIController, fusion_weight_controller
 from gnopt.transforms.muon import muon
 from jax.flatten_util import ravel_pytree
 
-from gnopt.transforms.pi_muon import _length_correction, pi_muon, split_along
+from gnopt.transforms.pi_muon import (_length_correction, pi_muon, plane_coefficients, split_along,
+                                     split_whole)
 from tests.test_ggn import dense_ggn, make_mlp, mlp_apply
 
 
@@ -251,7 +252,7 @@ def grads_of_softmax(params, batch):
 @given(seed=st.integers(0, 2**16), lr=st.sampled_from([0.02, 0.3, 2.0, 8.0]),
        lam=st.sampled_from([0.0, 0.1, 0.3, 1.0]), muon_length=st.sampled_from(["muon", "model"]),
        rejected=st.sampled_from(["parabola", "muon"]), threshold=st.sampled_from([None, 0.0, 0.5]),
-       parallel=st.sampled_from(["interpolate", "muon"]))
+       parallel=st.sampled_from(["interpolate", "muon", "plane"]))
 def test_no_kept_step_raises_the_fresh_batch_loss(seed, lr, lam, muon_length, rejected, threshold,
                                                    parallel):
     params, batch = softmax_regression(seed)
@@ -267,6 +268,114 @@ def test_no_kept_step_raises_the_fresh_batch_loss(seed, lr, lam, muon_length, re
         new = optax.apply_updates(params, step)
         assert fresh_loss(new) <= fresh_loss(params) * (1 + 1e-6), dict(state.diagnostics)
         params = new
+
+
+def f64_problem(seed=0, trust_seed=2):
+    params, batch = mlp_batch(seed=seed, n=16)
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    batch = (batch[0].astype(jnp.float64), batch[1])
+    trust = mlp_batch(seed=trust_seed, n=16)[1]
+    return params, batch, (trust[0].astype(jnp.float64), trust[1])
+
+
+def dense_plane(params, trust, u, perp):
+    """``(b, M)`` of the GN model on ``span{u, s⊥}`` from the dense GGN and ``jax.grad``."""
+    g_dense, _, _ = dense_ggn(mlp_apply, losses.softmax_cross_entropy, params, trust)
+    basis = np.stack([np.asarray(ravel_pytree(u)[0]), np.asarray(ravel_pytree(perp)[0])], axis=1)
+    grad = np.asarray(ravel_pytree(grads_of(params, trust))[0])
+    return basis, basis.T @ grad, basis.T @ np.asarray(g_dense) @ basis
+
+
+@pytest.mark.parametrize("lam, mu", [(1.0, 0.0), (0.4, 0.0), (1.0, 0.5)])
+def test_plane_coefficients_minimise_the_dense_gn_model_on_the_plane(x64, lam, mu):
+    """λ = 1: ``(a, c) = −(M + μ diag M)⁻¹b`` with ``M``, ``b`` from the dense GGN
+    on the trust batch; λ < 1: ``c = λ c*`` and ``a`` the best for that ``c``.
+    The transform's step is ``a u + c s⊥`` with the same ``u``, ``s``."""
+    params, batch, trust = f64_problem(trust_seed=3)
+    solver = gnopt.solvers.cg(max_iters=30)
+    curv = gnopt.curvature.layerwise()
+    u, _ = muon(0.02).update(grads_of(params, batch), muon(0.02).init(params), params)
+    s, _ = solver.solve(mlp_apply, losses.softmax_cross_entropy, curv, params, batch,
+                        jax.tree.map(jnp.zeros_like, params), 1e-4)
+    _, perp = split_whole(s, u)
+    basis, b, m = dense_plane(params, trust, u, perp)
+    damped = m + mu * np.diag(np.diag(m))
+    a_star, c_star = np.linalg.solve(damped, -b)
+    lam = float(np.float32(lam))  # the controller's λ is float32
+    c_exp = lam * c_star
+    a_exp = -(b[0] + m[0, 1] * c_exp) / damped[0, 0]
+    model = gnopt.curvature.LinearisedModel(mlp_apply, losses.softmax_cross_entropy, params, trust)
+    ok, a, c, beta = plane_coefficients(model, u, perp, lam, mu)
+    assert bool(ok)
+    np.testing.assert_allclose([float(a), float(c)], [a_exp, c_exp], rtol=1e-8)
+    assert float(beta) == pytest.approx(float(np.clip(-b[0] / m[0, 0], 0, 1)), rel=1e-8)
+    if lam == 1.0:  # the joint minimiser: the model's gradient vanishes on the plane
+        np.testing.assert_allclose(damped @ [float(a), float(c)] + b, 0.0, atol=1e-10 * np.abs(b).max())
+    tx = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, solver=solver, curvature=curv,
+                 fusion=fixed_lambda(lam), damping=1e-4, parallel="plane", gradient="given",
+                 plane_damping=mu)
+    step, state = tx.update(grads_of(params, batch), tx.init(params), params, batch=batch,
+                            line_search_batch=trust)
+    diag = state.diagnostics
+    assert float(diag["plane_a"]) == pytest.approx(a_exp, rel=1e-6)  # logged in f32
+    assert float(diag["plane_c"]) == pytest.approx(c_exp, rel=1e-6)
+    assert bool(diag["accepted"])
+    np.testing.assert_allclose(ravel_pytree(step)[0], basis @ [a_exp, c_exp], rtol=1e-7, atol=1e-12)
+
+
+def test_plane_with_zero_lambda_is_muons_direction_at_the_model_length(x64):
+    """λ ≡ 0: the step is ``a u``, ``a = −gᵀu/uᵀGu`` (dense) on the trust batch,
+    unclipped (here ``a > 1``: Muon's small η undershoots)."""
+    params, batch, trust = f64_problem(trust_seed=1)
+    tx = pi_muon(mlp_apply, losses.softmax_cross_entropy, 1e-3, fusion=zero_lambda(), gradient="given",
+                 parallel="plane")
+    step, state = tx.update(grads_of(params, batch), tx.init(params), params, batch=batch,
+                            line_search_batch=trust)
+    u, _ = muon(1e-3).update(grads_of(params, batch), muon(1e-3).init(params), params)
+    g_dense, _, _ = dense_ggn(mlp_apply, losses.softmax_cross_entropy, params, trust)
+    grad = ravel_pytree(grads_of(params, trust))[0]
+    u_flat = ravel_pytree(u)[0]
+    a = float(-(grad @ u_flat) / (u_flat @ g_dense @ u_flat))
+    assert a > 1.0
+    assert bool(state.diagnostics["accepted"])
+    assert float(state.diagnostics["plane_a"]) == pytest.approx(a, rel=1e-6)
+    assert float(state.diagnostics["plane_c"]) == 0.0
+    np.testing.assert_allclose(ravel_pytree(step)[0], a * u_flat, rtol=1e-8, atol=1e-12)
+
+
+def test_plane_step_beats_interpolate_and_muon_on_a_quadratic(x64):
+    """λ ≡ 1 on least squares (model exact, ρ = 1): one plane step lowers the loss
+    at least as much as the interpolate step and Muon's (both lie in the plane)."""
+    params, batch, _ = centred_least_squares()
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    batch = jax.tree.map(lambda x: x.astype(jnp.float64), batch)
+    apply_fn = lambda p, x: x @ p["w"] + p["b"]
+    loss = lambda p: float(losses.mean_squared_error(apply_fn(p, batch[0]), batch[1]))
+    grads = jax.grad(lambda p: losses.mean_squared_error(apply_fn(p, batch[0]), batch[1]))(params)
+    after = {}
+    for name, kwargs in {"plane": dict(parallel="plane", fusion=fixed_lambda(1.0)),
+                         "interpolate": dict(fusion=fixed_lambda(1.0)),
+                         "muon_model": dict(fusion=zero_lambda()),
+                         "muon": dict(fusion=zero_lambda(), muon_step_length="muon")}.items():
+        tx = pi_muon(apply_fn, losses.mean_squared_error, 0.02, solver=gnopt.solvers.cg(max_iters=3),
+                     damping=1e-3, gradient="given", **kwargs)
+        step, state = tx.update(grads, tx.init(params), params, batch=batch)
+        after[name] = loss(optax.apply_updates(params, step))
+        if name == "plane":
+            assert float(state.diagnostics["rho"]) == pytest.approx(1.0, abs=1e-6)
+    assert after["plane"] <= min(after["interpolate"], after["muon_model"], after["muon"]) * (1 + 1e-12)
+    assert after["plane"] < loss(params)
+
+
+@given(seed=st.integers(0, 2**31 - 1))
+def test_the_whole_split_keeps_s_in_the_plane(x64, seed):
+    rng = np.random.default_rng(seed)
+    s = {"w": jnp.asarray(rng.normal(size=(3, 4))), "b": jnp.asarray(rng.normal(size=(4,)))}
+    u = {"w": jnp.asarray(rng.normal(size=(3, 4))), "b": jnp.asarray(rng.normal(size=(4,)))}
+    c, perp = split_whole(s, u)
+    assert abs(float(optax.tree_utils.tree_vdot(perp, u))) <= 1e-12 * float(
+        optax.tree_utils.tree_norm(s) * optax.tree_utils.tree_norm(u))
+    jax.tree.map(lambda a, b, x: np.testing.assert_allclose(c * a + b, x, atol=1e-12), u, perp, s)
 
 
 def test_length_correction_limits_and_bad_measurements():
@@ -362,6 +471,8 @@ def test_errors():
     params, batch = mlp_batch(n=8)
     with pytest.raises(ValueError, match="parallel"):
         pi_muon(mlp_apply, losses.softmax_cross_entropy, parallel="sideways")
+    with pytest.raises(ValueError, match="plane_damping"):
+        pi_muon(mlp_apply, losses.softmax_cross_entropy, parallel="plane", plane_damping=-1.0)
     with pytest.raises(ValueError, match="gn_step_length"):
         pi_muon(mlp_apply, losses.softmax_cross_entropy, gn_step_length="line_search")
     with pytest.raises(ValueError, match="rejected"):

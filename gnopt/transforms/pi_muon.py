@@ -33,6 +33,26 @@ Our method (design: ``shared/design/algorithms.md`` §3). Per step at ``θ``:
      ``u`` also moves from Muon's to GN's, ``Δ = ((1 − λ) + λ c) u + λ s⊥ =
      (1 − λ) u + λ s``.
 
+   * ``parallel="plane"`` (not yet the default): the GN model minimised exactly
+     on the plane ``span{u, s⊥} = span{u, s}`` (``u`` before any model
+     shortening; here ``s⊥ = s − (⟨s,u⟩/⟨u,u⟩) u`` with one coefficient for the
+     whole pytree, :func:`split_whole`: with the per-leaf split ``s`` itself
+     is ``Σ_l c_l u_l + s⊥``, outside the plane, and the plane's minimiser lost
+     to the interpolate step on a quadratic), see :func:`plane_coefficients`:
+     ``q(a u + c s⊥) = a b_u + c b_⊥ + ½ [a c] M [a c]ᵀ`` with
+     ``b = (gᵀu, gᵀs⊥)`` and ``M = [[uᵀGu, uᵀGs⊥], [uᵀGs⊥, s⊥ᵀGs⊥]]`` on the
+     trust batch (two tangent passes ``Ju``, ``Js⊥``; ``uᵀGs⊥ = (Ju)ᵀH_z(Js⊥)``).
+     ``λ`` scales the GN coefficient of the joint minimiser ``(a*, c*)``,
+     ``c = λ c*``, and ``a = −(b_u + M_u⊥ c)/M_uu`` is then the best
+     coefficient on ``u`` for that ``c`` (``plane_damping = μ`` damps the
+     2×2 problem, ``M + μ diag M``): ``λ = 1`` is the plane's minimiser,
+     ``λ = 0`` Muon's direction at the model-optimal length. ``M`` not
+     positive definite (or non-finite) falls back to ``β u``,
+     ``β = clip(−gᵀu/uᵀGu, 0, 1)``. ``gn_step_length`` and
+     ``muon_step_length`` do not shape this step (the plane chooses both
+     lengths); ``muon_step_length="model"`` still makes ``β u`` the Muon
+     fallback of a rejected step.
+
    Why the refinement: with ``u + λ s⊥`` the step's component along ``u`` is
    Muon's whatever ``λ`` is, so even where the GN model is exact (``ρ = 1``,
    ``λ → 1``) the step is not the GN step and PI-Muon cannot converge like GN on
@@ -106,12 +126,61 @@ def split_along(s, u):
     return c, perp
 
 
+def split_whole(s, u):
+    """The split ``s = c u + s⊥`` with one ``c = ⟨s, u⟩/⟨u, u⟩`` for the whole
+    pytree (0 where ``u = 0``); returns ``(c, s⊥)``. Unlike :func:`split_along`,
+    ``span{u, s⊥} = span{u, s}``: the plane holds the GN step itself."""
+    su = otu.tree_vdot(s, u).real
+    uu = otu.tree_vdot(u, u).real
+    c = jnp.where(uu > 0, su / jnp.where(uu > 0, uu, 1.0), 0.0)
+    return c, jax.tree.map(lambda sl, ul: sl - c * ul, s, u)
+
+
 def _line_minimiser(slope, curvature):
     """``(ok, τ)``: ``τ = clip(−slope / curvature, 0, 1)`` minimises
     ``t ↦ t·slope + ½ t²·curvature``; ``ok``: a minimiser lies ahead (descent,
     positive curvature, both finite), else ``τ = 0``."""
     ok = (slope < 0) & (curvature > 0) & jnp.isfinite(slope) & jnp.isfinite(curvature)
     return ok, jnp.where(ok, jnp.clip(-slope / jnp.where(ok, curvature, 1.0), 0.0, 1.0), 0.0)
+
+
+# ``M`` counts as singular when ``det M ≤ tol · M_uu · M_⊥⊥`` (cos² of the
+# G-angle between u and s⊥ above 1 − tol): scale-free, and well above the
+# float32 cancellation error of the determinant.
+_PLANE_TOL = 1e-4
+
+
+def plane_coefficients(model: LinearisedModel, u, perp, lam, damping=0.0):
+    """The GN model on ``span{u, s⊥}``: ``(ok, a, c, β)`` (scalars).
+
+    With ``b = (gᵀu, gᵀs⊥)`` and ``M = [[uᵀGu, uᵀGs⊥], [uᵀGs⊥, s⊥ᵀGs⊥]]`` on
+    ``model``'s batch (tangents ``Ju``, ``Js⊥``: two passes; ``G = JᵀH_zJ``, so
+    every entry is an output-space product), the joint minimiser of
+    ``q(a u + c s⊥) = a b_u + c b_⊥ + ½ [a c] M [a c]ᵀ`` is
+    ``(a*, c*) = −M⁻¹ b``; with ``damping = μ > 0`` (Levenberg–Marquardt on
+    the 2×2 problem) ``(a*, c*) = −(M + μ diag M)⁻¹ b``. Returned: ``c = λ c*``
+    and ``a = −(b_u + M_u⊥ c) / ((1 + μ) M_uu)`` (the best ``a`` for that
+    ``c``; ``a*`` at ``λ = 1``, the 1-D minimiser along ``u`` at ``λ = 0``). ``ok`` is false
+    when ``M`` is non-finite or not positive definite (``det M ≤ tol ·
+    M_uu M_⊥⊥``, e.g. ``s⊥ = 0``); then ``a = β``, ``c = 0``. ``β =
+    clip(−gᵀu/uᵀGu, 0, 1)`` is the clipped 1-D minimiser along ``u``
+    (:func:`_line_minimiser`), free from the same entries.
+    """
+    ju, jp = model.jvp(u), model.jvp(perp)
+    gz = model.output_grad()
+    hu, hp = model.output_hvp(ju), model.output_hvp(jp)
+    bu, bp = jnp.vdot(gz, ju).real, jnp.vdot(gz, jp).real
+    muu, mup, mpp = jnp.vdot(ju, hu).real, jnp.vdot(ju, hp).real, jnp.vdot(jp, hp).real
+    duu, dpp = (1 + damping) * muu, (1 + damping) * mpp
+    det = duu * dpp - mup * mup
+    finite = jnp.isfinite(jnp.stack([bu, bp, muu, mup, mpp]))
+    ok = jnp.all(finite) & (muu > 0) & (mpp > 0) & (det > _PLANE_TOL * duu * dpp)
+    safe = lambda x: jnp.where(ok, x, 1.0)
+    c_star = (mup * bu - duu * bp) / safe(det)
+    c = jnp.where(ok, lam * c_star, 0.0)
+    a = -(bu + mup * c) / safe(duu)
+    _, beta = _line_minimiser(bu, muu)
+    return ok, jnp.where(ok, a, beta), c, beta
 
 
 def _parabola_step(measured: TrustRatio, step, u):
@@ -148,6 +217,7 @@ def pi_muon(
     rejected: str = "parabola",
     correction_limits: tuple[float, float] = (0.5, 1.5),
     muon_step_length: str = "model",
+    plane_damping: float = 0.0,
     beta: float = 0.95,
     nesterov: bool = True,
     ns_steps: int = 5,
@@ -176,7 +246,9 @@ def pi_muon(
         (default :func:`gnopt.control.damping_controller`). Measured on the
         tiny LLaMA: a fixed ``δ = 1e-3`` without rejection diverges in the
         first steps (loss 5.5 → 1e8); the adaptive defaults train.
-      parallel: ``"interpolate"`` (default) or ``"muon"`` (§3 as written).
+      parallel: ``"interpolate"`` (default), ``"muon"`` (§3 as written) or
+        ``"plane"`` (the GN model minimised on ``span{u, s⊥}``, ``λ`` on the
+        GN coefficient; step 4 of the module docstring).
       gn_warm_start: factor on the last ``s`` used to start the next solve.
       trust_batch_size: measure ``ρ`` on the first this many sequences of its
         batch (default: all; paper-size batches need a slice to fit in memory).
@@ -195,6 +267,9 @@ def pi_muon(
         12 steps to the target instead of 7 with the default ``3/2``).
       muon_step_length: ``"model"`` (default: ``u`` shortened by the GN
         model along it, step 1) or ``"muon"`` (``u`` as Muon makes it).
+      plane_damping: ``μ ≥ 0``, the Levenberg–Marquardt damping of the 2×2
+        problem of ``parallel="plane"`` (:func:`plane_coefficients`);
+        ``μ > 0`` shortens both coefficients (a trust radius on the plane).
       beta, nesterov, ns_steps, weight_decay, adam_learning_rate, adam_b1, adam_b2,
         adam_eps, adam_weight_decay, compute_dtype, is_hidden_matrix: Muon's
         (:func:`gnopt.transforms.muon`, same defaults); named here, not passed
@@ -216,8 +291,8 @@ def pi_muon(
     or a controller given new gains (``eqx.tree_at``) without a retrace when
     it is an argument of the jitted step that builds the transform.
     """
-    if parallel not in ("interpolate", "muon"):
-        raise ValueError(f"pi_muon: parallel must be 'interpolate' or 'muon', got {parallel!r}")
+    if parallel not in ("interpolate", "muon", "plane"):
+        raise ValueError(f"pi_muon: parallel must be 'interpolate', 'muon' or 'plane', got {parallel!r}")
     if rejected not in ("parabola", "muon"):
         raise ValueError(f"pi_muon: rejected must be 'parabola' or 'muon', got {rejected!r}")
     if gradient not in ("solver", "given"):
@@ -241,6 +316,7 @@ def pi_muon(
     if not adaptive:
         check_number("pi_muon", "damping", damping, low=0.0)
     check_learning_rate("pi_muon", "learning_rate", learning_rate)
+    check_number("pi_muon", "plane_damping", plane_damping, low=0.0)
     check_number("pi_muon", "gn_warm_start", gn_warm_start, low=0.0, high=1.0)
     if trust_batch_size is not None:
         check_int("pi_muon", "trust_batch_size", trust_batch_size, low=1)
@@ -249,7 +325,8 @@ def pi_muon(
                 adam_b2=adam_b2, adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
                 compute_dtype=compute_dtype, is_hidden_matrix=is_hidden_matrix)
     stat_names = ("lambda", "rho", "gn_scale", "muon_scale", "curvature_ratio", "perp_ratio",
-                  "damping", "accepted", "actual_decrease", "predicted_decrease") + solver.stat_names
+                  "damping", "accepted", "actual_decrease", "predicted_decrease",
+                  "plane_a", "plane_c") + solver.stat_names
 
     def init_fn(params):
         return PIMuonState(base.init(params), working_precision(otu.tree_zeros_like(params)),
@@ -271,18 +348,32 @@ def pi_muon(
         trust_batch = trust_batch if trust_batch_size is None else jax.tree.map(
             lambda x: x[:trust_batch_size], trust_batch)
         model = LinearisedModel(apply_fn, loss_fn, params, trust_batch)
-        gn_scale = (jnp.ones(()) if gn_step_length == "solver"
-                    else state.length_correction * _line_minimiser(*model.along(s))[1])
-        muon_scale = jnp.ones(())
-        if muon_step_length == "model":
-            muon_scale = _line_minimiser(*model.along(u))[1]
-            u = otu.tree_scale(muon_scale, u)
-        scaled = otu.tree_scale(gn_scale, s)
-        c, s_perp = split_along(scaled, u)
-        if parallel == "interpolate":
-            step = jax.tree.map(lambda ul, cl, pl: ((1 - lam) + lam * cl) * ul + lam * pl, u, c, s_perp)
+        plane_a = plane_c = jnp.zeros(())
+        if parallel == "plane":
+            # u as Muon made it, s unscaled: the plane chooses both lengths
+            gn_scale, scaled = jnp.ones(()), s
+            _, s_perp = split_whole(s, u)
+            plane_ok, plane_a, plane_c, beta = plane_coefficients(model, u, s_perp, lam,
+                                                                   plane_damping)
+            # where M is unusable c = 0, and s⊥ (perhaps non-finite) is left out
+            step = jax.tree.map(lambda ul, pl: plane_a * ul + jnp.where(plane_ok, plane_c * pl, 0.0),
+                                u, s_perp)
+            muon_scale = beta if muon_step_length == "model" else jnp.ones(())
+            u = otu.tree_scale(muon_scale, u)  # Muon's step, for the fallback
         else:
-            step = jax.tree.map(lambda ul, pl: ul + lam * pl, u, s_perp)
+            gn_scale = (jnp.ones(()) if gn_step_length == "solver"
+                        else state.length_correction * _line_minimiser(*model.along(s))[1])
+            muon_scale = jnp.ones(())
+            if muon_step_length == "model":
+                muon_scale = _line_minimiser(*model.along(u))[1]
+                u = otu.tree_scale(muon_scale, u)
+            scaled = otu.tree_scale(gn_scale, s)
+            c, s_perp = split_along(scaled, u)
+            if parallel == "interpolate":
+                step = jax.tree.map(lambda ul, cl, pl: ((1 - lam) + lam * cl) * ul + lam * pl,
+                                    u, c, s_perp)
+            else:
+                step = jax.tree.map(lambda ul, pl: ul + lam * pl, u, s_perp)
         measured = trust_ratio(apply_fn, loss_fn, params, trust_batch, step, model=model)
         rho = measured.rho
         kept = (measured.actual >= 0) & jnp.isfinite(otu.tree_norm(step))
@@ -304,7 +395,7 @@ def pi_muon(
         correction = (_length_correction(measured.curvature_ratio, *correction_limits)
                       if gn_step_length == "corrected" else state.length_correction)
         diag = {"lambda": lam, "rho": rho, "damping": delta, "accepted": accept, "gn_scale": gn_scale,
-                "muon_scale": muon_scale,
+                "muon_scale": muon_scale, "plane_a": plane_a, "plane_c": plane_c,
                 "curvature_ratio": measured.curvature_ratio,
                 "perp_ratio": otu.tree_norm(s_perp) / jnp.maximum(otu.tree_norm(scaled), 1e-30),
                 "actual_decrease": measured.actual, "predicted_decrease": measured.predicted, **stats}
