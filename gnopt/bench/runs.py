@@ -69,7 +69,9 @@ def optimizers(inner_batch: int, warmup_steps: int = RAMP_STEPS, ls_stop_at_rise
     sequences per inner step, line search ``{2^(−i/2)}`` with 5 points
     (10 for layerwise, as in the paper). PI-Muon: Muon's part as Muon's best
     (``η = 0.08``), its layerwise GN step from the same inner solver as GN
-    (``lr`` is the inner learning rate), no damping. ``ls_stop_at_rise``: GN's
+    (``lr`` is the inner learning rate), no damping; ``pi_muon_literal`` and
+    ``pi_muon_plane`` are its fusion ablations (``parallel="muon"`` and
+    ``"plane"``, docs/pi_muon.md). ``ls_stop_at_rise``: GN's
     grid search stops at the first rise (:class:`gnopt.line_search.GridLineSearch`).
     """
     ramp = lambda lr: baseline_schedule(lr, warmup_steps, decay_steps)
@@ -78,6 +80,12 @@ def optimizers(inner_batch: int, warmup_steps: int = RAMP_STEPS, ls_stop_at_rise
         return lambda lr: gnopt.gauss_newton(
             apply_model, common.LOSS, solver=solver_fn(gnopt.inner_muon(lr), inner_batch),
             curvature=curv, line_search=line_search.grid(points, stop_at_rise=ls_stop_at_rise))
+
+    def pim(parallel: str):
+        return lambda lr: pi_muon(
+            apply_model, common.LOSS, ramp(0.08), adam_learning_rate=ramp(3e-3),
+            solver=solvers.inner_optimizer(gnopt.inner_muon(lr), inner_batch), damping=0.0,
+            parallel=parallel)
 
     gn_grid = (1e-2, 3e-2, 1e-1)
     table = [
@@ -92,10 +100,9 @@ def optimizers(inner_batch: int, warmup_steps: int = RAMP_STEPS, ls_stop_at_rise
         Optimizer("gn_layerwise", gn(solvers.inner_optimizer, curvature.layerwise(), 10),
                   gn_grid, True),
         Optimizer("gn_prox_linear", gn(solvers.prox_linear, curvature.full(), 5), gn_grid, True),
-        Optimizer("pi_muon", lambda lr: pi_muon(
-            apply_model, common.LOSS, ramp(0.08), adam_learning_rate=ramp(3e-3),
-            solver=solvers.inner_optimizer(gnopt.inner_muon(lr), inner_batch), damping=0.0),
-            gn_grid, True),
+        Optimizer("pi_muon", pim("interpolate"), gn_grid, True),
+        Optimizer("pi_muon_literal", pim("muon"), gn_grid, True),
+        Optimizer("pi_muon_plane", pim("plane"), gn_grid, True),
     ]
     return {opt.name: opt for opt in table}
 
