@@ -17,7 +17,7 @@ import pytest
 
 import gin
 from gnopt import train as train_lib
-from gnopt.data import bin_format, prepare, read_shard, token_shards, write_shard
+from gnopt.data import prepare, read_shard, token_shards, write_shard
 from gnopt.metrics import read_metrics
 
 ROWS = 30
