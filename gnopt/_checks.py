@@ -15,13 +15,14 @@ def _fail(where: str, name: str, what: str, value) -> ValueError:
 
 
 def check_number(where: str, name: str, value, *, low: float | None = None,
-                 high: float | None = None, low_open: bool = False) -> float:
-    """A finite real in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+                 high: float | None = None, low_open: bool = False,
+                 high_open: bool = False) -> float:
+    """A finite real in ``[low, high]`` (open at an end with ``low_open`` / ``high_open``)."""
     bounds = []
     if low is not None:
         bounds.append(f"{'>' if low_open else '>='} {low:g}")
     if high is not None:
-        bounds.append(f"<= {high:g}")
+        bounds.append(f"{'<' if high_open else '<='} {high:g}")
     what = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
     if isinstance(value, jax.core.Tracer):
         return value  # traced (e.g. under optax.inject_hyperparams): checked by its caller
@@ -32,7 +33,7 @@ def check_number(where: str, name: str, value, *, low: float | None = None,
         raise _fail(where, name, what, value)
     x = float(value)
     if (not math.isfinite(x) or (low is not None and (x <= low if low_open else x < low))
-            or (high is not None and x > high)):
+            or (high is not None and (x >= high if high_open else x > high))):
         raise _fail(where, name, what, value)
     return x
 

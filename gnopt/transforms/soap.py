@@ -183,22 +183,12 @@ def _refresh(stat: Array, basis: Array, nu: Array, axis: int) -> tuple[Array, Ar
 
 
 def _is_traced(value) -> bool:
-    """A hyper-parameter passed as an array (``optax.inject_hyperparams``): not checked."""
+    """A hyper-parameter passed as an array (``optax.inject_hyperparams``)."""
     return isinstance(value, jax.Array)
 
 
 def _check_beta(where: str, name: str, value) -> None:
-    if _is_traced(value):
-        return
-    what = "a finite number >= 0 and < 1"
-    try:
-        check_number(where, name, value, low=0.0, high=1.0)
-    except ValueError:
-        ok = False
-    else:
-        ok = float(value) < 1.0
-    if not ok:
-        raise ValueError(f"{where}: {name} must be {what}, got {value!r} ({type(value).__name__})")
+    check_number(where, name, value, low=0.0, high=1.0, high_open=True)
 
 
 def _check_flag(where: str, name: str, value) -> None:
@@ -213,12 +203,9 @@ def _check_soap_args(where: str, b1, b2, eps, precondition_frequency, max_precon
     _check_beta(where, "b2", b2)
     if shampoo_beta is not None:
         _check_beta(where, "shampoo_beta", shampoo_beta)
-    if not _is_traced(eps):
-        check_number(where, "eps", eps, low=0.0, low_open=True)
-    if not _is_traced(precondition_frequency):
-        check_int(where, "precondition_frequency", precondition_frequency, low=0)
-    if not _is_traced(max_precond_dim):
-        check_int(where, "max_precond_dim", max_precond_dim, low=0)
+    check_number(where, "eps", eps, low=0.0, low_open=True)
+    check_int(where, "precondition_frequency", precondition_frequency, low=0)
+    check_int(where, "max_precond_dim", max_precond_dim, low=0)
     for name, value in flags.items():
         _check_flag(where, name, value)
 
