@@ -92,6 +92,22 @@ class AbstractController(eqx.Module):
         """Whether the controller rejects steps on its own (not only non-finite ones)."""
 
 
+def decide(controllers, states, measurement, accept=True) -> tuple[tuple, Array]:
+    """Every controller's step on one measurement; the step is kept only if all accept.
+
+    Each controller sees the verdict so far (a rejection by an earlier one, or
+    by the transform, counts as a bad step for the later ones too). Returns
+    ``(new_states, accept)``, the states in the order of ``controllers``.
+    """
+    accept = jnp.asarray(accept, bool)
+    new_states = []
+    for controller, state in zip(controllers, states, strict=True):
+        state, verdict = controller.update(state, measurement, accept)
+        new_states.append(state)
+        accept = accept & jnp.asarray(verdict, bool)
+    return tuple(new_states), accept
+
+
 def _scalar_measurement(name: str, measurement) -> Array:
     m = jnp.asarray(measurement)
     if m.shape != ():

@@ -40,12 +40,16 @@ def _has_diagnostics(node) -> bool:
 def find_diagnostics(opt_state: Any) -> dict[str, Any]:
     """Merges every ``diagnostics`` dict found in an optimizer-state tree.
 
-    Nested states (``optax.chain``, ``MultiSteps``, ``inject_hyperparams``)
-    are searched; when two states report the same key the later one wins.
+    Nested states (``optax.chain``, ``MultiSteps``, ``inject_hyperparams``,
+    :func:`gnopt.accept_step` around its inner chain) are searched, inner
+    states before the state that holds them; when two states report the same
+    key the later one wins.
     """
     found: dict[str, Any] = {}
     for node in jax.tree.leaves(opt_state, is_leaf=_has_diagnostics):
         if _has_diagnostics(node):
+            found.update(find_diagnostics([v for k, v in node._asdict().items()
+                                           if k != "diagnostics"]))
             found.update(node.diagnostics)
     return found
 

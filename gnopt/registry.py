@@ -3,7 +3,7 @@
 Importing this module registers, under the names used in ``gin/*.gin``:
 
 * ``optax.<name>``: optax optimizers and schedules (``optax.adamw``, ...);
-* ``gnopt.<name>``: ``gnopt.gauss_newton``, ``gnopt.pi_muon``;
+* ``gnopt.<name>``: ``gnopt.gauss_newton``, ``gnopt.pi_muon``, ``gnopt.fuse``;
 * ``gnopt.control.<name>``: PI controllers (PI-Muon's fusion weight, damping);
 * ``gnopt.transforms.<name>``: baselines and their schedules;
 * ``gnopt.solvers.<name>``, ``gnopt.curvature.<name>``,
@@ -60,7 +60,7 @@ _register("optax", {
     "warmup_cosine_decay_schedule": optax.warmup_cosine_decay_schedule,
 })
 _register("optax.contrib", {"muon": optax.contrib.muon})
-_register("gnopt", {"gauss_newton": gnopt.gauss_newton, "pi_muon": pi_muon})
+_register("gnopt", {"gauss_newton": gnopt.gauss_newton, "pi_muon": pi_muon, "fuse": gnopt.fuse})
 _register("gnopt.control", {"fusion_weight_controller": control.fusion_weight_controller,
                             "damping_controller": control.damping_controller})
 _register("gnopt.transforms", {

@@ -57,9 +57,12 @@ several processes (``--gin_param 'gnopt.distributed.initialize.…'``, see
 0 writes metrics and the config; checkpoints are written once, each array shard
 by the process holding it. A checkpoint resumes on any mesh or device count.
 
-Optimizer builders that take ``apply_fn`` (``gnopt.gauss_newton``,
-``gnopt.pi_muon``, K-FAC) get it and ``loss_fn``; they see the whole batch, so
-they cannot use gradient accumulation. When an optimizer ignores the gradient
+An optimizer builder states what it needs (:mod:`gnopt.requirements`):
+``gnopt.gauss_newton``, ``gnopt.pi_muon``, ``gnopt.fuse`` and K-FAC are given
+``apply_fn`` and ``loss_fn`` and see the whole batch, so they cannot use
+gradient accumulation; the GN ones compute their own gradient, which the
+trainer then does not check. A builder that states nothing is first-order.
+When an optimizer ignores the gradient
 (Gauss-Newton derives its own from the batch) XLA drops the trainer's backward
 pass; the trainer then only adds one forward pass for the logged loss.
 
@@ -89,6 +92,7 @@ import signal
 import sys
 import textwrap
 import threading
+import types
 import time
 import warnings
 from collections.abc import Callable
@@ -114,6 +118,7 @@ from gnopt.checkpoint import (
 )
 from gnopt.losses import softmax_cross_entropy
 from gnopt.metrics import METRICS_FILE, MetricsLog, find_diagnostics, read_metrics
+from gnopt.requirements import ARGUMENTS, Requirements, requirements_of
 from gnopt.solvers import split_microbatches
 
 CONFIG_FILE = "config.gin"
@@ -163,40 +168,59 @@ def call_with_accepted(fn: Callable, **kwargs):
     return fn(**{k: v for k, v in kwargs.items() if _accepts(fn, k)})
 
 
+def _undeclared_arguments(builder: Callable) -> list[str]:
+    """Parameters a builder must be given, named like the trainer's arguments,
+    that it did not declare (for the error message only)."""
+    try:
+        parameters = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return []
+    return [name for name in ARGUMENTS if name in parameters
+            and parameters[name].default is inspect.Parameter.empty]
+
+
 def build_optimizer(optimizer: Callable, *, loss_fn: Callable, total_steps: int,
-                    grad_accum_steps: int = 1) -> tuple[optax.GradientTransformationExtraArgs, bool]:
+                    grad_accum_steps: int = 1) -> tuple[optax.GradientTransformationExtraArgs,
+                                                        Requirements]:
     """Builds the configured optimizer.
 
     Args:
       optimizer: a builder (gin reference without ``()``, e.g. ``@optax.adamw``
-        or ``@gnopt.gauss_newton``), which gets those of ``apply_fn``,
-        ``loss_fn`` and ``total_steps`` that its signature names; or a built
-        first-order transformation (``@optax.adamw()``).
+        or ``@gnopt.gauss_newton``), which gets the arguments its
+        :class:`gnopt.requirements.Requirements` name (``apply_fn``,
+        ``loss_fn``, ``total_steps``); or a built first-order transformation
+        (``@optax.adamw()``).
       loss_fn: the training loss.
       total_steps: optimizer steps of the whole run.
       grad_accum_steps: micro-batches averaged per step (``optax.MultiSteps``).
 
     Returns:
-      ``(tx, second_order)``; ``second_order`` is whether the builder took
-      ``apply_fn`` (such optimizers see the whole batch and cannot accumulate).
+      ``(tx, requirements)``: what the optimizer stated it needs (a builder
+      that states nothing is first-order).
     """
     if optimizer is None:
         raise ConfigError("train.optimizer is not set (e.g. train.optimizer = @optax.adamw)")
+    needs = requirements_of(optimizer)
     if isinstance(optimizer, optax.GradientTransformation):  # built by gin: `@optax.adamw()`
-        tx, second_order = optimizer, False
+        tx = optimizer
     else:
-        second_order = _accepts(optimizer, "apply_fn")
-        tx = call_with_accepted(optimizer, apply_fn=apply_model, loss_fn=loss_fn,
-                                total_steps=total_steps)
+        missing = [name for name in _undeclared_arguments(optimizer) if name not in needs.arguments]
+        if missing:
+            raise ConfigError(
+                f"train.optimizer {getattr(optimizer, '__name__', optimizer)!r} needs {missing} but "
+                f"does not state it; declare it with @gnopt.requires({', '.join(map(repr, missing))}, "
+                "...) (see gnopt.requirements)")
+        given = {"apply_fn": apply_model, "loss_fn": loss_fn, "total_steps": total_steps}
+        tx = optimizer(**{name: given[name] for name in needs.arguments})
     if not isinstance(tx, optax.GradientTransformation):
         raise ConfigError(f"train.optimizer must build an optax GradientTransformation, "
                           f"got {type(tx).__name__}")
     if grad_accum_steps > 1:
-        if second_order:
+        if needs.whole_batch:
             raise ConfigError("train.grad_accum_steps > 1 needs a first-order optimizer; "
                               "second-order ones take the whole batch (use their inner batch size)")
         tx = optax.MultiSteps(tx, grad_accum_steps).gradient_transformation()
-    return optax.with_extra_args_support(tx), second_order
+    return optax.with_extra_args_support(tx), needs
 
 
 def finite_leaves(tree) -> jax.Array:
@@ -761,6 +785,346 @@ def _load_params(source: tuple[Checkpointer, int | None], params):
     return loaded["params"], meta["step"]
 
 
+def _build_step(o):
+    """The mesh, the optimizer and the jitted step, checked and traced abstractly."""
+    device_mesh = _device_mesh(o.mesh)
+    _check_batch_split(device_mesh, vars(o))
+    tx, needs = build_optimizer(o.optimizer, loss_fn=o.loss_fn, total_steps=o.num_steps,
+                                grad_accum_steps=o.grad_accum_steps)
+    init = functools.partial(_init_params, o.model, o.seed)
+    abstract = (_abstract_params(init),)
+    abstract += (jax.eval_shape(tx.init, abstract[0]),)
+    shardings = dist.step_shardings(device_mesh, *abstract)
+    step_fn = make_train_step(tx, o.loss_fn, check_grads=not needs.own_gradient,
+                              chunk_size=o.microbatch_size, shardings=shardings, explain=True)
+    trace = functools.partial(_trace_shapes, *abstract, step_fn, batch_size=o.batch_size,
+                              seq_len=o.seq_len, next_batch=o.line_search_batch == "next")
+    return device_mesh, tx, needs, init, abstract, shardings, step_fn, trace
+
+
+def _build(o):
+    """Everything a run needs before its first step (config errors raised here), or,
+    for ``print_config`` / ``shapes`` / ``memory``, the answer."""
+    _check_options(vars(o))
+    writes = o.mode == "train"
+    if o.run_dir is None and writes:
+        raise ConfigError("train needs a run_dir")
+    if writes:
+        _check_run_dir(o.run_dir)
+        if not o.restart:
+            _check_earlier_run(o.run_dir)
+    if o.model is None:
+        raise ConfigError("train.model is not set (e.g. train.model = @gnopt.models.LLaMA)")
+    if o.init_from is not None and not isinstance(o.init_from, (str, os.PathLike)):
+        raise ConfigError(f"train.init_from must be a path, got {o.init_from!r}")
+    device_mesh, tx, needs, init, abstract, shardings, step_fn, trace = _build_step(o)
+    if o.mode == "print_config":
+        trace()
+        return {"config": gin.operative_config_str()}
+    if o.mode in ("shapes", "memory"):
+        out = trace(compile_step=o.mode == "memory")
+        return {**out, "devices": device_mesh.devices.size, "mesh": dict(device_mesh.shape)}
+    source = None if o.init_from is None else _open_init_from(o.init_from)
+    train_tokens, val_tokens = _load_tokens(o.data, o.val_data)
+    _check_vocab(abstract[0], {"train": train_tokens, "validation": val_tokens},
+                 seq_len=o.seq_len)
+    if writes and not o.restart and _checkpoint_steps(o.run_dir):
+        trace()  # what the step uses is recorded by gin as it is traced: trace, then compare
+        neutral = _NEUTRAL_OPTIONS + (() if "total_steps" in needs.arguments else ("num_steps",))
+        _check_config_change(o.run_dir, _checkpoint_steps(o.run_dir)[-1],
+                             gin.operative_config_str(), neutral, o.allow_config_change)
+    params, rng = jax.jit(init, out_shardings=(shardings.params, shardings.replicated))()
+    return (device_mesh, tx, shardings, step_fn, source, train_tokens, params, rng,
+            _validation_batches(o, val_tokens, device_mesh))
+
+
+def _validation_batches(o, val_tokens, device_mesh) -> list:
+    if not o.eval_every:
+        return []
+    try:
+        return [dist.global_batch(_process_rows(batch), device_mesh)
+                for batch in data_lib.validation_batches(
+                    val_tokens, seq_len=o.seq_len, batch_size=o.microbatch_size or o.batch_size,
+                    num_batches=o.eval_batches)]
+    except ValueError as e:
+        raise ConfigError(f"validation data: {_one_line(e)}; give a larger set with "
+                          "train.val_data, or lower train.eval_batches, or set "
+                          "train.eval_every = 0") from e
+
+
+class _Run:
+    """One training run: what :func:`_build` made, the state, the counters, and the
+    pieces of one step; the hooks (:class:`ShardWatch`, :class:`Progress`,
+    :class:`MetricsHook`, :class:`CheckpointHook`) do the rest."""
+
+    def __init__(self, o, device_mesh, tx, shardings, step_fn, source, train_tokens, params,
+                 rng, val_batches):
+        self.o, self.device_mesh, self.tx, self.shardings = o, device_mesh, tx, shardings
+        self.step_fn, self.source, self.train_tokens = step_fn, source, train_tokens
+        self.params, self.rng, self.val_batches = params, rng, val_batches
+        self.dry_run = o.mode == "dry_run"
+        self.processes = jax.process_count()
+        self.primary = jax.process_index() == 0
+        self.say = functools.partial(print, flush=True) if self.primary else lambda *_: None
+        self.pipeline = data_lib.make_pipeline(
+            train_tokens, seq_len=o.seq_len, batch_size=o.batch_size // self.processes,
+            seed=o.seed, shuffle=o.shuffle, shard_index=jax.process_index(),
+            shard_count=self.processes)
+        self.eval_fn = jax.jit(functools.partial(batch_loss, o.loss_fn),
+                               out_shardings=shardings.replicated)
+        self.leaf_names = float_leaf_names(params)
+        self.checkpointer = self.log = None
+        self.start = time.perf_counter()
+        self.rate_start = self.rate_tokens = None  # throughput clock: after the compiling step
+
+    def announce(self) -> None:
+        mesh = self.device_mesh
+        self.say(f"model: {models.describe(self.params)}")
+        self.say(f"mesh: data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} "
+                 f"({mesh.devices.size} device(s), {self.processes} process(es))")
+        if self.o.mode == "train":
+            self.say(_config_banner(gin.operative_config_str()))
+
+    def open(self) -> None:
+        """The run folder, the checkpointer, the initial or restored state, the metrics log."""
+        o = self.o
+        if not self.dry_run:
+            if o.restart:
+                cleared = _clear_run(o.run_dir)
+                if cleared:
+                    self.say(f"--restart: deleted {', '.join(cleared)} of the earlier run in "
+                             f"{o.run_dir}")
+            os.makedirs(o.run_dir, exist_ok=True)
+            self.checkpointer = Checkpointer(os.path.join(o.run_dir, CHECKPOINT_DIR),
+                                             keep=o.keep_checkpoints)
+        resume = self.checkpointer is not None and self.checkpointer.latest_step() is not None
+        if self.source is not None:
+            if not resume:
+                self.params, from_step = _load_params(self.source, self.params)
+                self.say(f"parameters from {o.init_from} (step {from_step}), fresh optimizer state")
+            self.source[0].close()
+        # Copies: an init may put one array in two places, which donation rejects.
+        opt_state = jax.tree.map(jnp.copy, jax.jit(
+            self.tx.init, out_shardings=self.shardings.opt_state)(self.params))
+        self.state = {"params": self.params, "opt_state": opt_state, "rng": self.rng}
+        self.meta = {"step": 0, "tokens": 0, "wall_s": 0.0, "nonfinite_skipped": 0,
+                     "nonfinite_in_a_row": 0, "stop_reason": None}
+        if resume:
+            self.state, self.meta = self.checkpointer.restore(self.state)
+            self.pipeline.set_state(self.meta["data_state"])
+            self.say(f"resuming {o.run_dir} from step {self.meta['step']}")
+            if self.meta["stop_reason"] == "nonfinite":  # stopped by the guard: count afresh
+                self.meta["nonfinite_in_a_row"] = 0
+        self.log = (MetricsLog(o.run_dir, resume_step=self.meta["step"], tensorboard=o.tensorboard)
+                    if self.primary and not self.dry_run else None)
+        self.params, self.opt_state = self.state["params"], self.state["opt_state"]
+        self.step, self.tokens, self.skipped, self.in_a_row = (self.meta[k] for k in (
+            "step", "tokens", "nonfinite_skipped", "nonfinite_in_a_row"))
+        self.summary = {"step": self.step, "loss": None, "val_loss": None, "tokens": self.tokens,
+                        "wall_s": self.meta["wall_s"], "tokens_per_s": None,
+                        "stop_reason": self.meta["stop_reason"],
+                        "nonfinite_skipped": self.skipped, "params": self.params,
+                        "opt_state": self.opt_state}
+
+    def take_step(self):
+        """One optimizer step (``grad_accum_steps`` micro-steps): ``(loss, diagnostics,
+        rejected)``, ``rejected`` the check and loss of the last non-finite micro-step."""
+        losses, diagnostics, rejected = [], {}, None
+        for _ in range(self.o.grad_accum_steps):
+            batch = dist.global_batch(next(self.pipeline), self.device_mesh)
+            ls_batch = (dist.global_batch(next(self.pipeline), self.device_mesh)
+                        if self.o.line_search_batch == "next" else None)
+            self.params, self.opt_state, loss, check, diagnostics = self.step_fn(
+                self.params, self.opt_state, batch, ls_batch)
+            self.tokens += batch[0].size + (0 if ls_batch is None else ls_batch[0].size)
+            check = jax.device_get(check)
+            if bool(check["ok"]):
+                self.in_a_row = 0
+            else:
+                self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+                rejected = (check, float(loss))
+            losses.append(loss)
+        self.step += 1
+        return float(np.mean(jax.device_get(losses))), diagnostics, rejected
+
+    def record(self, loss: float, rejected) -> dict[str, Any]:
+        """The step's metrics record (with the validation loss when due); updates the summary."""
+        o, now = self.o, time.perf_counter()
+        if self.rate_start is None:
+            self.rate_start, self.rate_tokens = now, self.tokens
+        record = {"step": self.step, "tokens": self.tokens, "loss": loss,
+                  "wall_s": self.meta["wall_s"] + now - self.start, "skipped": rejected is not None,
+                  "nonfinite_skipped": self.skipped}
+        if o.eval_every and (self.step % o.eval_every == 0 or self.step == o.num_steps
+                             or self.dry_run):
+            record["val_loss"] = float(np.mean([self.eval_fn(self.params, b)
+                                                for b in self.val_batches]))
+            self.summary["val_loss"] = record["val_loss"]
+        if self.rate_tokens != self.tokens:
+            self.summary["tokens_per_s"] = (self.tokens - self.rate_tokens) / (now - self.rate_start)
+        self.summary.update(step=self.step, loss=loss, tokens=self.tokens, wall_s=record["wall_s"],
+                            nonfinite_skipped=self.skipped, params=self.params,
+                            opt_state=self.opt_state)
+        return record
+
+    def stop_reason(self, record, sigterm) -> str | None:
+        o, reason = self.o, None
+        if self.in_a_row >= o.max_nonfinite_in_a_row:
+            reason = "nonfinite"
+        elif o.target_loss is not None and record.get(o.target_metric, math.inf) <= o.target_loss:
+            reason = "target_loss"
+        elif self.step >= o.num_steps:
+            reason = "num_steps"
+        elif dist.any_process(bool(sigterm)):
+            reason = "sigterm"
+        self.summary["stop_reason"] = reason
+        return reason
+
+    def save(self, stop_reason: str | None) -> None:
+        self.state.update(params=self.params, opt_state=self.opt_state)
+        self.checkpointer.save(self.step, self.state, {
+            "step": self.step, "tokens": self.tokens,
+            "wall_s": self.meta["wall_s"] + time.perf_counter() - self.start,
+            "nonfinite_skipped": self.skipped, "nonfinite_in_a_row": self.in_a_row,
+            "stop_reason": stop_reason, "data_state": self.pipeline.get_state()})
+
+    def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        if self.log:
+            self.log.close()
+
+    def check_skipped(self) -> None:
+        """Fails a finished run that rejected too many of its steps."""
+        steps, skipped, limit = self.step * self.o.grad_accum_steps, self.skipped, \
+            self.o.max_skipped_fraction
+        if steps and skipped > limit * steps:
+            raise NonFiniteError(
+                f"{skipped} of {steps} steps were skipped as non-finite ({skipped / steps:.0%}), "
+                f"more than train.max_skipped_fraction = {limit}: the run did not "
+                f"train as configured (checkpoint of step {self.step} in "
+                f"{self.checkpointer.directory}); lower the learning rate or check the data, or "
+                "raise train.max_skipped_fraction")
+
+    def fail_nonfinite(self, rejected) -> None:
+        """Stops after ``max_nonfinite_in_a_row`` rejected steps (their checkpoint is saved)."""
+        self.close()
+        step, in_a_row = self.step, self.in_a_row
+        last_good = step - math.ceil(in_a_row / self.o.grad_accum_steps)
+        what = _nonfinite_report(rejected[0], self.leaf_names, rejected[1])
+        raise NonFiniteError(
+            f"stopped at step {step}: {in_a_row} non-finite steps in a row; step {step} "
+            f"had a {what}; the parameters and "
+            f"optimizer state of step {last_good}, the last finite one, are saved as the "
+            f"checkpoint of step {step} in {self.checkpointer.directory}; lower the learning "
+            "rate and re-run with --allow_config_change to continue from it, or raise "
+            "train.max_nonfinite_in_a_row")
+
+
+class TrainHook:
+    """A piece of the training loop around the step: ``before_step(run)`` and
+    ``after_step(run, record, diagnostics, stop_reason)`` (``stop_reason``: ``None``
+    while the run goes on)."""
+
+    def before_step(self, run: _Run) -> None:
+        pass
+
+    def after_step(self, run: _Run, record: dict, diagnostics: dict,
+                   stop_reason: str | None) -> None:
+        pass
+
+    def close(self) -> None:
+        """Called when the loop ends, also by an error."""
+
+
+class ShardWatch(TrainHook):
+    """Stops with a checkpoint (exit 3) when a token shard vanishes."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def before_step(self, run):
+        vanished = _vanished(self.files)
+        if not dist.any_process(vanished is not None):
+            return
+        if run.step:
+            run.save("data_missing")
+        run.close()
+        saved = f"checkpoint of step {run.step} in {run.checkpointer.directory}; " if run.step else ""
+        raise DataSourceError(
+            f"{vanished or 'a token shard vanished on another process'} after step "
+            f"{run.step}; {saved}put it back and re-run the same command to resume")
+
+
+class Progress(TrainHook):
+    """The progress bar, started after the first step so that its rate and ETA leave
+    out the compilation."""
+
+    def __init__(self):
+        self.bar = _NoBar()
+
+    def after_step(self, run, record, diagnostics, stop_reason):
+        if isinstance(self.bar, _NoBar):
+            if not (run.dry_run or not run.primary):
+                run.say(f"step {run.step} (compiling the step included) took "
+                        f"{time.perf_counter() - run.start:.1f} s")
+            self.bar = tqdm(total=run.o.num_steps, initial=run.step, unit="step",
+                            dynamic_ncols=True, disable=run.dry_run or not run.primary,
+                            mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        else:
+            self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}",
+                             tok_s=f"{run.summary['tokens_per_s'] or 0:,.0f}", refresh=False)
+        if run.dry_run or stop_reason:
+            self.bar.close()
+
+    def close(self):
+        self.bar.close()
+
+
+class MetricsHook(TrainHook):
+    """``metrics.jsonl`` (and TensorBoard) every ``log_every`` steps, at evaluations and at
+    the end; the config beside them after the first step."""
+
+    def __init__(self):
+        self.logged_at = None  # (time, tokens) at the first step, then at each record
+
+    def after_step(self, run, record, diagnostics, stop_reason):
+        if run.dry_run:
+            return
+        now, tokens, log = time.perf_counter(), run.tokens, run.log
+        if log and (run.step % run.o.log_every == 0 or "val_loss" in record or stop_reason):
+            if self.logged_at is not None and tokens > self.logged_at[1]:
+                record["tokens_per_s"] = (tokens - self.logged_at[1]) / (now - self.logged_at[0])
+                self.logged_at = (now, tokens)
+            log.write({**diagnostics, **record})
+        if self.logged_at is None:  # after the first (compiling) step: the throughput clock
+            self.logged_at = (now, tokens)
+        if run.primary and run.step == run.meta["step"] + 1:
+            _record_config(run.o.run_dir, run.step, gin.operative_config_str())
+            if log:
+                log.text("config", gin.operative_config_str(), run.step)
+
+
+class CheckpointHook(TrainHook):
+    """A checkpoint every ``checkpoint_every`` steps and at the end (also after the
+    non-finite guard: rejected steps changed nothing, so it holds the last finite state)."""
+
+    def after_step(self, run, record, diagnostics, stop_reason):
+        every = run.o.checkpoint_every
+        if not run.dry_run and (stop_reason or (every and run.step % every == 0)):
+            run.save(stop_reason)
+
+
+@contextlib.contextmanager
+def _closing(hooks):
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.close()
+
+
 @gin.configurable("train", module="gnopt",
                   denylist=["run_dir", "mode", "restart", "allow_config_change"])
 def train(
@@ -887,250 +1251,39 @@ def train(
       DataSourceError: a token shard vanished; a checkpoint of the last step is saved.
       CheckpointCorruptError: ``run_dir`` has checkpoints but none is intact.
     """
-    options = dict(locals())  # the arguments, for their checks
+    o = types.SimpleNamespace(**locals())  # the arguments
     with _config_errors():
-        _check_options(options)
-        writes = mode == "train"
-        if run_dir is None and writes:
-            raise ConfigError("train needs a run_dir")
-        if writes:
-            _check_run_dir(run_dir)
-            if not restart:
-                _check_earlier_run(run_dir)
-        if model is None:
-            raise ConfigError("train.model is not set (e.g. train.model = @gnopt.models.LLaMA)")
-        if init_from is not None and not isinstance(init_from, (str, os.PathLike)):
-            raise ConfigError(f"train.init_from must be a path, got {init_from!r}")
-        device_mesh = _device_mesh(mesh)
-        _check_batch_split(device_mesh, options)
-        tx, second_order = build_optimizer(optimizer, loss_fn=loss_fn, total_steps=num_steps,
-                                           grad_accum_steps=grad_accum_steps)
-        init = functools.partial(_init_params, model, seed)
-        abstract_params = _abstract_params(init)
-        abstract_state = jax.eval_shape(tx.init, abstract_params)
-        shardings = dist.step_shardings(device_mesh, abstract_params, abstract_state)
-        step_fn = make_train_step(tx, loss_fn, check_grads=not second_order,
-                                  chunk_size=microbatch_size, shardings=shardings, explain=True)
-        if mode == "print_config":
-            _trace_shapes(abstract_params, abstract_state, step_fn, batch_size=batch_size,
-                          seq_len=seq_len, next_batch=line_search_batch == "next")
-            return {"config": gin.operative_config_str()}
-        if mode in ("shapes", "memory"):
-            out = _trace_shapes(abstract_params, abstract_state, step_fn, batch_size=batch_size,
-                                seq_len=seq_len, next_batch=line_search_batch == "next",
-                                compile_step=mode == "memory")
-            return {**out, "devices": device_mesh.devices.size, "mesh": dict(device_mesh.shape)}
-        source = None if init_from is None else _open_init_from(init_from)
-        train_tokens, val_tokens = _load_tokens(data, val_data)
-        _check_vocab(abstract_params, {"train": train_tokens, "validation": val_tokens},
-                     seq_len=seq_len)
-        if writes and not restart and _checkpoint_steps(run_dir):
-            # What the step uses is recorded by gin as it is traced: trace (no compute), compare.
-            _trace_shapes(abstract_params, abstract_state, step_fn, batch_size=batch_size,
-                          seq_len=seq_len, next_batch=line_search_batch == "next")
-            takes_steps = (not isinstance(optimizer, optax.GradientTransformation)
-                           and _accepts(optimizer, "total_steps"))
-            neutral = _NEUTRAL_OPTIONS + (() if takes_steps else ("num_steps",))
-            _check_config_change(run_dir, _checkpoint_steps(run_dir)[-1],
-                                 gin.operative_config_str(), neutral, allow_config_change)
-        params, rng = jax.jit(init, out_shardings=(shardings.params, shardings.replicated))()
-        processes = jax.process_count()
-        pipeline = data_lib.make_pipeline(train_tokens, seq_len=seq_len,
-                                          batch_size=batch_size // processes, seed=seed,
-                                          shuffle=shuffle, shard_index=jax.process_index(),
-                                          shard_count=processes)
-        try:
-            val_batches = [dist.global_batch(_process_rows(batch), device_mesh)
-                           for batch in data_lib.validation_batches(
-                               val_tokens, seq_len=seq_len,
-                               batch_size=microbatch_size or batch_size,
-                               num_batches=eval_batches)] if eval_every else []
-        except ValueError as e:
-            raise ConfigError(f"validation data: {_one_line(e)}; give a larger set with "
-                              "train.val_data, or lower train.eval_batches, or set "
-                              "train.eval_every = 0") from e
-    primary = jax.process_index() == 0
-    say = functools.partial(print, flush=True) if primary else lambda *_: None
-    say(f"model: {models.describe(params)}")
-    say(f"mesh: data {device_mesh.shape['data']} x fsdp {device_mesh.shape['fsdp']} "
-        f"({device_mesh.devices.size} device(s), {processes} process(es))")
-    if mode == "train":
-        say(_config_banner(gin.operative_config_str()))
-
-    dry_run = mode == "dry_run"
-    checkpointer = None
-    if not dry_run:
-        if restart:
-            cleared = _clear_run(run_dir)
-            if cleared:
-                say(f"--restart: deleted {', '.join(cleared)} of the earlier run in {run_dir}")
-        os.makedirs(run_dir, exist_ok=True)
-        checkpointer = Checkpointer(os.path.join(run_dir, CHECKPOINT_DIR), keep=keep_checkpoints)
-    resume = checkpointer is not None and checkpointer.latest_step() is not None
-    if source is not None:
-        if not resume:
-            params, from_step = _load_params(source, params)
-            say(f"parameters from {init_from} (step {from_step}), fresh optimizer state")
-        source[0].close()
-    # Copies: an init may put one array in two places, which donation rejects.
-    opt_state = jax.tree.map(jnp.copy, jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
-    state = {"params": params, "opt_state": opt_state, "rng": rng}
-    meta = {"step": 0, "tokens": 0, "wall_s": 0.0, "nonfinite_skipped": 0,
-            "nonfinite_in_a_row": 0, "stop_reason": None}
-    if resume:
-        state, meta = checkpointer.restore(state)
-        pipeline.set_state(meta["data_state"])
-        say(f"resuming {run_dir} from step {meta['step']}")
-        if meta["stop_reason"] == "nonfinite":  # stopped by the guard: count afresh
-            meta["nonfinite_in_a_row"] = 0
-    log = (MetricsLog(run_dir, resume_step=meta["step"], tensorboard=tensorboard)
-           if primary and not dry_run else None)
-    summary = {"step": meta["step"], "loss": None, "val_loss": None, "tokens": meta["tokens"],
-               "wall_s": meta["wall_s"], "tokens_per_s": None, "stop_reason": meta["stop_reason"],
-               "nonfinite_skipped": meta["nonfinite_skipped"],
-               "params": state["params"], "opt_state": state["opt_state"]}
-
-    def check_skipped(step: int, skipped: int) -> None:
-        """Fails a finished run that rejected too many of its steps."""
-        steps = step * grad_accum_steps
-        if steps and skipped > max_skipped_fraction * steps:
-            raise NonFiniteError(
-                f"{skipped} of {steps} steps were skipped as non-finite ({skipped / steps:.0%}), "
-                f"more than train.max_skipped_fraction = {max_skipped_fraction}: the run did not "
-                f"train as configured (checkpoint of step {step} in {checkpointer.directory}); "
-                "lower the learning rate or check the data, or raise train.max_skipped_fraction")
-
-    if meta["stop_reason"] == "target_loss" or meta["step"] >= num_steps:
-        say(f"{run_dir} is already finished at step {meta['step']}")
-        checkpointer.close()
-        if log:
-            log.close()
-        check_skipped(meta["step"], meta["nonfinite_skipped"])
-        return summary
-
-    eval_fn = jax.jit(functools.partial(batch_loss, loss_fn), out_shardings=shardings.replicated)
-    params, opt_state = state["params"], state["opt_state"]
-    step, tokens, skipped, in_a_row = (meta[k] for k in
-                                       ("step", "tokens", "nonfinite_skipped", "nonfinite_in_a_row"))
-    watched = [] if dry_run else _token_files(train_tokens)
-    leaf_names = float_leaf_names(params)
-    start = time.perf_counter()
-    rate_start = rate_tokens = None  # throughput clock starts after the first (compiling) step
-    logged_at = None  # (time, tokens) at the first step, then at each record: tokens/s
-    # The progress bar starts after the first step, so its rate and ETA leave out compilation.
-    bar = _NoBar()
-
-    def save(stop_reason: str | None) -> None:
-        state.update(params=params, opt_state=opt_state)
-        checkpointer.save(step, state, {
-            "step": step, "tokens": tokens, "wall_s": meta["wall_s"] + time.perf_counter() - start,
-            "nonfinite_skipped": skipped, "nonfinite_in_a_row": in_a_row,
-            "stop_reason": stop_reason, "data_state": pipeline.get_state()})
-
-    with _sigterm_received() as sigterm:
+        built = _build(o)
+        if isinstance(built, dict):  # print_config, shapes, memory: nothing run
+            return built
+        run = _Run(o, *built)
+    run.announce()
+    run.open()
+    if run.meta["stop_reason"] == "target_loss" or run.step >= num_steps:
+        run.say(f"{run_dir} is already finished at step {run.step}")
+        run.close()
+        run.check_skipped()
+        return run.summary
+    hooks = ([] if run.dry_run else [ShardWatch(_token_files(run.train_tokens))]) + [
+        Progress(), MetricsHook(), CheckpointHook()]
+    with _sigterm_received() as sigterm, _closing(hooks):
         while True:
-            vanished = _vanished(watched)
-            if dist.any_process(vanished is not None):
-                bar.close()
-                if step:
-                    save("data_missing")
-                checkpointer.close()
-                if log:
-                    log.close()
-                saved = f"checkpoint of step {step} in {checkpointer.directory}; " if step else ""
-                raise DataSourceError(
-                    f"{vanished or 'a token shard vanished on another process'} after step "
-                    f"{step}; {saved}put it back and re-run the same command to resume")
-            losses, diagnostics, rejected = [], {}, None
-            for _ in range(grad_accum_steps):
-                batch = dist.global_batch(next(pipeline), device_mesh)
-                ls_batch = (dist.global_batch(next(pipeline), device_mesh)
-                            if line_search_batch == "next" else None)
-                params, opt_state, loss, check, diagnostics = step_fn(params, opt_state, batch,
-                                                                      ls_batch)
-                tokens += batch[0].size + (0 if ls_batch is None else ls_batch[0].size)
-                check = jax.device_get(check)
-                if bool(check["ok"]):
-                    in_a_row = 0
-                else:
-                    skipped, in_a_row = skipped + 1, in_a_row + 1
-                    rejected = (check, float(loss))
-                losses.append(loss)
-            step += 1
-            loss = float(np.mean(jax.device_get(losses)))
-            now = time.perf_counter()
-            if rate_start is None:
-                rate_start, rate_tokens = now, tokens
-            record = {"step": step, "tokens": tokens, "loss": loss,
-                      "wall_s": meta["wall_s"] + now - start, "skipped": rejected is not None,
-                      "nonfinite_skipped": skipped}
-            if eval_every and (step % eval_every == 0 or step == num_steps or dry_run):
-                record["val_loss"] = float(np.mean([eval_fn(params, b) for b in val_batches]))
-                summary["val_loss"] = record["val_loss"]
-            stop_reason = None
-            if in_a_row >= max_nonfinite_in_a_row:
-                stop_reason = "nonfinite"
-            elif target_loss is not None and record.get(target_metric, math.inf) <= target_loss:
-                stop_reason = "target_loss"
-            elif step >= num_steps:
-                stop_reason = "num_steps"
-            elif dist.any_process(bool(sigterm)):
-                stop_reason = "sigterm"
-            if rate_tokens != tokens:
-                summary["tokens_per_s"] = (tokens - rate_tokens) / (now - rate_start)
-            summary.update(step=step, loss=loss, tokens=tokens, wall_s=record["wall_s"],
-                           stop_reason=stop_reason, nonfinite_skipped=skipped, params=params,
-                           opt_state=opt_state)
-            if isinstance(bar, _NoBar):
-                if not (dry_run or not primary):
-                    say(f"step {step} (compiling the step included) took "
-                        f"{now - start:.1f} s")
-                bar = tqdm(total=num_steps, initial=step, unit="step", dynamic_ncols=True,
-                           disable=dry_run or not primary,
-                           mininterval=0.5 if sys.stderr.isatty() else 30.0)
-            else:
-                bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{summary['tokens_per_s'] or 0:,.0f}",
-                            refresh=False)
-            if dry_run:
-                bar.close()
-                return summary
-            if log and (step % log_every == 0 or "val_loss" in record or stop_reason):
-                if logged_at is not None and tokens > logged_at[1]:
-                    record["tokens_per_s"] = (tokens - logged_at[1]) / (now - logged_at[0])
-                    logged_at = (now, tokens)
-                log.write({**diagnostics, **record})
-            if logged_at is None:  # after the first (compiling) step: the throughput clock
-                logged_at = (now, tokens)
-            if primary and step == meta["step"] + 1:
-                _record_config(run_dir, step, gin.operative_config_str())
-                if log:
-                    log.text("config", gin.operative_config_str(), step)
-            if stop_reason == "nonfinite":
-                bar.close()
-                save(stop_reason)  # rejected steps changed nothing: the last finite state
-                checkpointer.close()
-                if log:
-                    log.close()
-                last_good = step - math.ceil(in_a_row / grad_accum_steps)
-                what = _nonfinite_report(rejected[0], leaf_names, rejected[1])
-                raise NonFiniteError(
-                    f"stopped at step {step}: {in_a_row} non-finite steps in a row; step {step} "
-                    f"had a {what}; the parameters and "
-                    f"optimizer state of step {last_good}, the last finite one, are saved as the "
-                    f"checkpoint of step {step} in {checkpointer.directory}; lower the learning "
-                    "rate and re-run with --allow_config_change to continue from it, or raise "
-                    "train.max_nonfinite_in_a_row")
-            if stop_reason or (checkpoint_every and step % checkpoint_every == 0):
-                save(stop_reason)
-            if stop_reason:
-                bar.close()
-                checkpointer.close()
-                if log:
-                    log.close()
-                if stop_reason != "sigterm":
-                    check_skipped(step, skipped)
-                return summary
+            for hook in hooks:
+                hook.before_step(run)
+            loss, diagnostics, rejected = run.take_step()
+            record = run.record(loss, rejected)
+            stop = run.stop_reason(record, sigterm)
+            for hook in hooks:
+                hook.after_step(run, record, diagnostics, stop)
+            if run.dry_run:
+                return run.summary
+            if stop == "nonfinite":
+                run.fail_nonfinite(rejected)
+            if stop:
+                run.close()
+                if stop != "sigterm":
+                    run.check_skipped()
+                return run.summary
 
 
 _INITIALIZE = "gnopt.distributed.initialize"

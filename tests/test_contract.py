@@ -8,6 +8,7 @@ matches, everything finite.
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 import gnopt
@@ -43,6 +44,14 @@ OPTIMIZERS = {
                                damping=gnopt.control.damping_controller()),
     "pi_muon": lambda learning_rate: gnopt.pi_muon(APPLY, softmax_cross_entropy, learning_rate,
                                                    solver=gnopt.solvers.cg(max_iters=3)),
+    "fuse_soap": lambda learning_rate: gnopt.fuse(gnopt.soap(learning_rate), APPLY,
+                                                  softmax_cross_entropy,
+                                                  solver=gnopt.solvers.cg(max_iters=3)),
+    "gn_chain_by_hand": lambda learning_rate: gnopt.accept_step(optax.chain(
+        gnopt.scale_by_gauss_newton(APPLY, softmax_cross_entropy, solver=gnopt.solvers.cg(max_iters=3),
+                                    curvature=gnopt.curvature.layerwise()),
+        optax.scale(learning_rate),
+        gnopt.scale_by_line_search(APPLY, softmax_cross_entropy, gnopt.line_search.grid(3)))),
 }
 
 

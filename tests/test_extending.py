@@ -1,5 +1,6 @@
-"""The examples of docs/extending.md, run as written: a new curvature (the GNB
-diagonal) and a new solver (blockwise steepest descent), each ≤ 40 lines."""
+"""The examples of docs/extending.md, run as written: the builders as chains, a new
+curvature (the GNB diagonal), a new solver (blockwise steepest descent) and a new
+controller (Marquardt's rule), each ≤ 40 lines."""
 
 import pathlib
 import re
@@ -7,6 +8,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import gnopt
@@ -19,7 +21,7 @@ BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
 
 
 def _load():
-    assert len(BLOCKS) == 2
+    assert len(BLOCKS) == 4
     namespace = {}
     for code in BLOCKS:
         assert len(code.strip().splitlines()) <= 40, code
@@ -29,6 +31,7 @@ def _load():
 
 NS = _load()
 GNBCurvature, SteepestDescent = NS["GNBCurvature"], NS["SteepestDescent"]
+MarquardtDamping = NS["MarquardtDamping"]
 
 
 def test_gnb_diagonal_is_n_times_the_sampled_gradient_squared(x64):
@@ -78,3 +81,64 @@ def test_examples_pass_the_contract_and_descend(solver, curvature):
     gt.check_preconditioner(lambda: gnopt.gauss_newton(
         problem.apply_fn, problem.loss_fn, solver=solver, curvature=curvature, damping=1e-3,
         line_search=gnopt.line_search.grid(5)), problem, steps=10)
+
+
+def _mlp_batch():
+    from gnopt.models import MLP
+
+    rng = np.random.default_rng(0)
+    model = MLP([3, 8, 4], key=jax.random.key(0))
+    return model, (jnp.asarray(rng.normal(size=(16, 3)), jnp.float32),
+                   jnp.asarray(rng.integers(0, 4, size=16)))
+
+
+def _steps(tx, params, batch, n=3):
+    state = tx.init(params)
+    loss = lambda p: NS["loss_fn"](p(batch[0]), batch[1])
+    for _ in range(n):
+        updates, state = tx.update(jax.grad(loss)(params), state, params, batch=batch)
+        params = optax.apply_updates(params, updates)
+    return params, float(loss(params))
+
+
+def test_the_chain_is_gauss_newton_and_the_fused_soap_descends():
+    params, batch = _mlp_batch()
+    alias = gnopt.gauss_newton(NS["apply_fn"], NS["loss_fn"], solver=gnopt.solvers.cg(),
+                               curvature=layerwise(), line_search=gnopt.line_search.grid(5),
+                               damping=gnopt.control.nielsen_damping())
+    by_chain, _ = _steps(NS["gn_chain"], params, batch)
+    by_alias, _ = _steps(alias, params, batch)
+    assert all(bool(jnp.all(a == b)) for a, b in
+               zip(jax.tree.leaves(by_chain), jax.tree.leaves(by_alias)))
+    start = float(NS["loss_fn"](params(batch[0]), batch[1]))
+    assert _steps(NS["soap_gn"], params, batch)[1] < start
+
+
+def test_marquardt_damping_solves_jennrich_sampson(x64):
+    from tests.test_gauss_newton import half_sum_of_squares, jennrich_sampson, run_lm
+
+    tx = gnopt.gauss_newton(jennrich_sampson, half_sum_of_squares,
+                            solver=gnopt.solvers.cg(max_iters=20), damping=MarquardtDamping())
+    losses, records = run_lm(tx)
+    start = float(half_sum_of_squares(jennrich_sampson(jnp.array([0.3, 0.4]), None), None))
+    assert np.all(np.diff([start] + losses) <= 1e-9 * start), "a kept step raised the loss"
+    assert 2 * losses[-1] == pytest.approx(124.362, rel=1e-5)
+    assert any(not bool(r[3].accepted) for r in records)  # it did reject overshooting steps
+
+
+def test_marquardt_rule_raises_lowers_and_rejects():
+    ctl = MarquardtDamping(damping0=1.0)
+    for rho, output, keep in [(0.1, 4.0, True), (0.9, 0.5, True), (0.5, 1.0, True),
+                              (-1.0, 4.0, False), (jnp.nan, 4.0, False)]:
+        state, accept = ctl.update(ctl.init(), jnp.asarray(rho))
+        assert (float(state.output), bool(accept)) == (output, keep), rho
+    state, accept = ctl.update(ctl.init(), jnp.asarray(0.9), accept=False)
+    assert (float(state.output), bool(accept)) == (4.0, False)
+
+
+def test_a_users_controller_is_pi_muons_damping():
+    params, batch = _mlp_batch()
+    tx = gnopt.pi_muon(NS["apply_fn"], NS["loss_fn"], 0.02, solver=gnopt.solvers.cg(max_iters=3),
+                       damping=MarquardtDamping())
+    start = float(NS["loss_fn"](params(batch[0]), batch[1]))
+    assert _steps(tx, params, batch)[1] <= start

@@ -12,6 +12,7 @@ import optax
 import pytest
 
 import gnopt
+from gnopt.metrics import find_diagnostics
 from gnopt import losses
 from gnopt.control import PIController, damping_controller, fusion_weight_controller, nielsen_damping
 from gnopt.hyperparams import inject_hyperparams, static_args_of
@@ -180,7 +181,7 @@ def test_vmap_over_learning_rates_matches_separate_runs():
         def body(carry, _):
             p, s = carry
             updates, s = tx.update(None, s, p, batch=batch)
-            return (optax.apply_updates(p, updates), s), s.diagnostics["loss_before"]
+            return (optax.apply_updates(p, updates), s), find_diagnostics(s)["loss_before"]
 
         (p, _), losses_seen = jax.lax.scan(body, (params, tx.init(params)), length=3)
         return p, losses_seen

@@ -3,7 +3,7 @@
 The expected verdicts are the table of ``docs/testing.md``. The optimizer
 contract is left out here (``tests/test_contract.py`` runs it on every
 optimizer). CI runs the optimizers marked ``ci``; set
-``GNOPT_TESTING_ALL_OPTIMIZERS=1`` to run all eleven (about a minute of CPU).
+``GNOPT_TESTING_ALL_OPTIMIZERS=1`` to run all twelve (about a minute of CPU).
 """
 
 import os
@@ -80,6 +80,12 @@ OPTIMIZERS = {
                      invariances=("rotation", "condition")),
                 dict(descent=P, reference=P, edge_cases=NA, **{
                     "invariance:rotation": P, "invariance:condition": P})),
+    "fuse_soap": (True, lambda problem: gnopt.fuse(gnopt.soap(0.02), problem.apply_fn,
+                                                   problem.loss_fn),
+                  dict(reference="adam", allow_zero_steps=True,
+                       invariances=("rotation", "condition")),
+                  dict(descent=P, reference=P, edge_cases=NA, **{
+                      "invariance:rotation": P, "invariance:condition": P})),
 }
 
 

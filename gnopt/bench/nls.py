@@ -46,6 +46,7 @@ import optax
 import gnopt
 from gnopt import control
 from gnopt.bench import common
+from gnopt.metrics import find_diagnostics
 from gnopt.testing import mgh
 
 CONTROLLERS = ("nielsen", "pi")
@@ -116,7 +117,7 @@ def solve(problem: mgh.MGHProblem, controller: str, o) -> dict[str, Any]:
     def step(x, state):
         updates, state = tx.update(None, state, x, batch=batch)
         x = optax.apply_updates(x, updates)
-        d = state.diagnostics
+        d = find_diagnostics(state)
         return x, state, problem.value(x), (d["accepted"], d["cg_iterations"], d["rho"],
                                             d["damping"])
 
@@ -164,7 +165,7 @@ def solve(problem: mgh.MGHProblem, controller: str, o) -> dict[str, Any]:
         "cg_iterations": cg_iterations,
         "ggn_products": cg_iterations + 2 * steps,
         "max_rise": max_rise, "rose": max_rise > 0,
-        "final_damping": float(state.damping.output), "final_rho": float(rho) if steps else None,
+        "final_damping": float(state.controller.output), "final_rho": float(rho) if steps else None,
         "x": [float(v) for v in np.asarray(x)],
         "wall_s": wall, "compile_s": compile_s, "f_curve": curve,
     }

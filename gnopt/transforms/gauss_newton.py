@@ -1,4 +1,4 @@
-"""``gauss_newton``: a Gauss-Newton outer step as an optax transformation.
+"""``gauss_newton``: a Gauss-Newton outer step, an alias chained from small transforms.
 
 One outer step at ``θ0`` on ``batch`` (Abreu et al. 2025, §3; Martens 2010):
 
@@ -14,6 +14,13 @@ One outer step at ``θ0`` on ``batch`` (Abreu et al. 2025, §3; Martens 2010):
    that rose, or a non-finite step) is not applied: the update is zero and
    the damping rises (Moré 1978; Nielsen 1999).
 
+As a chain (the pieces are public and swappable)::
+
+  accept_step(optax.chain(scale_by_gauss_newton(...),          # 1. Δ
+                          optax.scale(η),                       # 3. η
+                          scale_by_line_search(...)),           # 2. α
+              apply_fn, loss_fn, controller=damping)            # 4. ρ, keep or reject
+
 The incoming ``updates`` (gradients) are not used: ``g`` comes from the same
 linearisation as ``G``. Put clipping *after* this transform to clip the step.
 
@@ -26,55 +33,19 @@ functions and ``loss_chunk_size`` are static (:attr:`gauss_newton.static_args`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Callable
 
-import jax
-import jax.numpy as jnp
 import optax
-import optax.tree_utils as otu
 
-from gnopt.control import AbstractController
 from gnopt._checks import check_int, check_learning_rate, check_number
-from gnopt.curvature import AbstractCurvature, full, trust_ratio
+from gnopt.control import AbstractController
+from gnopt.curvature import AbstractCurvature, full
 from gnopt.line_search import AbstractLineSearch
-from gnopt.solvers import AbstractSolver, cg, split_microbatches, working_precision
-
-
-class GaussNewtonState(NamedTuple):
-    """State of :func:`gauss_newton`."""
-
-    count: jax.Array  # outer steps taken
-    warm_start: Any  # last solution Δ (times the warm-start factor)
-    damping: Any  # damping controller's state (None for a fixed δ)
-    diagnostics: dict  # scalars of the last step, logged by the trainer
-
-
-def require_batch(name: str, params, batch):
-    if params is None:
-        raise ValueError(f"{name}.update needs params")
-    if batch is None:
-        raise ValueError(f"{name}.update needs the keyword argument batch=(inputs, targets)")
-
-
-def tree_loss(apply_fn, loss_fn, params, batch, chunk_size: int | None = None):
-    """``L(θ) = ℓ(f(θ, x), y)`` on a batch.
-
-    With ``chunk_size``, the mean of the loss over strided chunks of that many
-    sequences, one chunk in memory at a time (``lax.map``): the batch mean for
-    a per-token mean loss with equal tokens per chunk.
-    """
-    def loss(chunk):
-        inputs, targets = chunk
-        return loss_fn(apply_fn(params, inputs), targets)
-
-    if chunk_size is None:
-        return loss(batch)
-    _, chunks = split_microbatches(batch, chunk_size)
-    return jnp.mean(jax.lax.map(loss, chunks))
-
-
-def _learning_rate(learning_rate, count):
-    return learning_rate(count) if callable(learning_rate) else learning_rate
+from gnopt.requirements import requires
+from gnopt.solvers import AbstractSolver, cg
+from gnopt.transforms.acceptance import accept_step
+from gnopt.transforms.gn_direction import scale_by_gauss_newton
+from gnopt.transforms.line_search_step import scale_by_line_search
 
 
 def gauss_newton(
@@ -136,7 +107,6 @@ def gauss_newton(
         raise TypeError(f"gauss_newton: solver must be a gnopt solver, got {type(solver).__name__}")
     if not isinstance(curvature, AbstractCurvature):
         raise TypeError(f"gauss_newton: curvature must be a gnopt.curvature.AbstractCurvature (full(), layerwise(), ...), got {type(curvature).__name__}")
-
     adaptive = isinstance(damping, AbstractController)
     if not adaptive:
         check_number("gauss_newton", "damping", damping, low=0.0)
@@ -145,55 +115,18 @@ def gauss_newton(
     if loss_chunk_size is not None:
         check_int("gauss_newton", "loss_chunk_size", loss_chunk_size, low=1)
 
-    def loss_of(params, batch):
-        return tree_loss(apply_fn, loss_fn, params, batch, loss_chunk_size)
-
-    def init_fn(params):
-        names = ("loss_before", "step_size", "update_norm", "accepted") + solver.stat_names
-        names += line_search.stat_names if line_search is not None else ()
-        names += ("damping", "rho") if adaptive else ()
-        diag = {name: jnp.zeros((), jnp.float32) for name in names}
-        return GaussNewtonState(jnp.zeros((), jnp.int32), working_precision(otu.tree_zeros_like(params)),
-                                damping.init() if adaptive else None, diag)
-
-    def update_fn(updates, state, params=None, *, batch=None, line_search_batch=None, **extra):
-        del updates, extra
-        require_batch("gauss_newton", params, batch)
-        delta_now = state.damping.output if adaptive else damping
-        delta, stats = solver.solve(apply_fn, loss_fn, curvature, params, batch,
-                                    state.warm_start, delta_now)
-        eta = _learning_rate(learning_rate, state.count)
-        step = otu.tree_scale(eta, delta)
-        ls_batch = batch if line_search_batch is None else line_search_batch
-        loss0 = loss_of(params, ls_batch)
-        if line_search is None:
-            alpha, ls_stats = jnp.asarray(1.0), {}
-        else:
-            alpha, ls_stats = line_search.search(
-                lambda a: loss_of(otu.tree_add_scale(params, a, step), ls_batch), loss0,
-                lambda: otu.tree_vdot(jax.grad(loss_of)(params, ls_batch), step))
-        step = otu.tree_scale(alpha, step)
-        # a non-finite solve (e.g. a non-finite adaptive δ) is never applied
-        accept = (alpha > 0) & jnp.isfinite(delta_now) & jnp.isfinite(otu.tree_norm(step))
-        damping_state, diag = state.damping, {}
-        if adaptive:
-            measured = trust_ratio(apply_fn, loss_fn, params, batch, step)
-            if damping.rejects:  # a step that raised the loss is rejected even if predicted
-                accept = accept & (measured.actual >= 0)
-            damping_state, accept = damping.update(state.damping, measured.rho, accept)
-            diag = {"damping": delta_now, "rho": measured.rho}
-        new_updates = otu.tree_cast_like(
-            jax.tree.map(lambda x: jnp.where(accept, x, jnp.zeros_like(x)), step), params)
-        diag |= {"loss_before": loss0, "step_size": jnp.where(accept, alpha * eta, 0.0),
-                 "update_norm": otu.tree_norm(new_updates), "accepted": accept, **stats, **ls_stats}
-        diag = {k: jnp.asarray(diag[k], jnp.float32) for k in state.diagnostics}
-        # A rejected step must not be retried from its own direction.
-        warm = jax.tree.map(lambda x: jnp.where(accept, warm_start * x, 0.0), delta)
-        return new_updates, GaussNewtonState(state.count + 1, working_precision(warm), damping_state, diag)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    links = [scale_by_gauss_newton(apply_fn, loss_fn, solver=solver, curvature=curvature,
+                                   damping=0.0 if adaptive else damping, warm_start=warm_start),
+             optax.scale_by_schedule(learning_rate) if callable(learning_rate)
+             else optax.scale(learning_rate)]
+    if line_search is not None:
+        links.append(scale_by_line_search(apply_fn, loss_fn, line_search,
+                                          loss_chunk_size=loss_chunk_size))
+    return accept_step(optax.chain(*links), apply_fn, loss_fn,
+                       controller=damping if adaptive else None)
 
 
 # Arguments that are not hyperparameters: functions and a count that fixes shapes
 # (read by gnopt.hyperparams.inject_hyperparams).
 gauss_newton.static_args = ("apply_fn", "loss_fn", "loss_chunk_size")
+requires("apply_fn", "loss_fn", whole_batch=True, own_gradient=True)(gauss_newton)

@@ -55,6 +55,7 @@ import optax
 from jax.scipy.linalg import cho_factor, cho_solve
 
 from gnopt._checks import check_int, check_learning_rate, check_number
+from gnopt.requirements import requires
 from gnopt import losses
 from gnopt.transforms.shampoo import matmul
 
@@ -306,3 +307,5 @@ def kfac(apply_fn: Callable, loss_fn, learning_rate: optax.ScalarOrSchedule, *,
 
 kfac.static_args = ("apply_fn", "loss_fn", "inverse_every", "max_factor_dim", "seed", "pi_correction",
                     "fallback")
+# taps the model on the whole batch; uses the trainer's gradient
+requires("apply_fn", "loss_fn", whole_batch=True)(kfac)
