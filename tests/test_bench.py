@@ -278,3 +278,18 @@ def test_flops_per_token_convention():
     params = jax.eval_shape(lambda: models.LLaMA(config, key=jax.random.PRNGKey(0)))
     n = models.count_params(params) - 256 * 64
     assert common.flops_per_token(config, params) == 6 * n + 12 * 2 * 64 * 32
+
+
+def test_pi_gains_reach_pi_muons_fusion_controller(tmp_path, monkeypatch):
+    import argparse
+
+    from gnopt import control
+
+    made = []
+    real = control.fusion_weight_controller
+    monkeypatch.setattr(control, "fusion_weight_controller",
+                        lambda **kw: made.append(kw) or real(**kw))
+    o = argparse.Namespace(**dict(steps.FULL, pi_gains="0.4,0.05"))
+    steps.optimizer_table(o)["pi_muon"].build(0.03)
+    assert made == [dict(kp=0.4, ki=0.05, reject_below=0.0)]
+    assert main(["steps-to-target", "--smoke", "--out", str(tmp_path), "--pi-gains", "0.4"]) == 2

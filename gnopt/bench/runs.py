@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 import gnopt
-from gnopt import curvature, data, line_search, solvers
+from gnopt import control, curvature, data, line_search, solvers
 from gnopt.bench import common
 from gnopt.diagnostics import noise_scale
 from gnopt.train import apply_model, make_train_step
@@ -57,7 +57,8 @@ def baseline_schedule(lr: float, warmup_steps: int = RAMP_STEPS,
 
 
 def optimizers(inner_batch: int, warmup_steps: int = RAMP_STEPS, ls_stop_at_rise: bool = False,
-               decay_steps: int | None = None) -> dict[str, Optimizer]:
+               decay_steps: int | None = None,
+               pi_gains: tuple[float, float] | None = None) -> dict[str, Optimizer]:
     """The compared optimizers with their default learning-rate grids.
 
     First-order baselines ramp their learning rate linearly over
@@ -73,6 +74,8 @@ def optimizers(inner_batch: int, warmup_steps: int = RAMP_STEPS, ls_stop_at_rise
     ``pi_muon_plane`` are its fusion ablations (``parallel="muon"`` and
     ``"plane"``, docs/pi_muon.md). ``ls_stop_at_rise``: GN's
     grid search stops at the first rise (:class:`gnopt.line_search.GridLineSearch`).
+    ``pi_gains``: ``(K_p, K_i)`` of PI-Muon's fusion-weight controller (default
+    ``pi_muon``'s, ``(0.2, 0.1)``), for the gain sensitivity sweep.
     """
     ramp = lambda lr: baseline_schedule(lr, warmup_steps, decay_steps)
 
@@ -85,7 +88,8 @@ def optimizers(inner_batch: int, warmup_steps: int = RAMP_STEPS, ls_stop_at_rise
         return lambda lr: pi_muon(
             apply_model, common.LOSS, ramp(0.08), adam_learning_rate=ramp(3e-3),
             solver=solvers.inner_optimizer(gnopt.inner_muon(lr), inner_batch), damping=0.0,
-            parallel=parallel)
+            parallel=parallel, fusion=None if pi_gains is None else control.fusion_weight_controller(
+                kp=pi_gains[0], ki=pi_gains[1], reject_below=0.0))
 
     gn_grid = (1e-2, 3e-2, 1e-1)
     table = [

@@ -31,7 +31,7 @@ FULL = dict(model="tiny", vocab_size=None, dtype="float32", seq=64, batch=128, i
             warmup_steps=150, warmup_batch=16, warmup_lr=3e-3, target=[2.45], max_steps=120,
             max_gn_steps=16, eval_every=1, val_batch=64, val_batches=4, max_bytes=None,
             optimizers=None, lr=[], ls_batch=None, ls_stop_at_rise=False, model_field=[],
-            ramp_steps=runs.RAMP_STEPS, decay_steps=None)
+            ramp_steps=runs.RAMP_STEPS, decay_steps=None, pi_gains=None)
 SMOKE = dict(FULL, seq=16, batch=4, inner_batch=2, warmup_steps=2, warmup_batch=2, max_steps=2,
              max_gn_steps=2, val_batch=2, val_batches=1, max_bytes=300_000,
              optimizers=["adamw", "gn_layerwise"], lr=["adamw=1e-2", "muon=0.02", "soap=3e-3"])
@@ -71,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizers", nargs="+", help="subset to run (all)")
     parser.add_argument("--lr", action="append", metavar="NAME=LR[,LR...]",
                         help="replace an optimizer's learning-rate grid (repeatable)")
+    parser.add_argument("--pi-gains", metavar="KP,KI",
+                        help="PI-Muon rows: the fusion weight's PI gains (default 0.2,0.1)")
     parser.add_argument("--name", default="steps_to_target", help="result file name")
 
 
@@ -143,8 +145,16 @@ def optimizer_table(o) -> dict[str, runs.Optimizer]:
         raise ValueError(f"--ramp-steps {o.ramp_steps} must be >= 0")
     if o.decay_steps is not None and o.decay_steps <= o.ramp_steps:
         raise ValueError(f"--decay-steps {o.decay_steps} must exceed --ramp-steps {o.ramp_steps}")
+    gains = None
+    if o.pi_gains is not None:
+        try:
+            gains = tuple(float(x) for x in o.pi_gains.split(","))
+        except ValueError:
+            gains = ()
+        if len(gains) != 2 or min(gains) < 0:
+            raise ValueError(f"--pi-gains {o.pi_gains!r} must be two numbers >= 0, KP,KI")
     return runs.optimizers(o.inner_batch, o.ramp_steps, ls_stop_at_rise=o.ls_stop_at_rise,
-                           decay_steps=o.decay_steps)
+                           decay_steps=o.decay_steps, pi_gains=gains)
 
 
 def plan(o) -> tuple[list[runs.Optimizer], dict[str, tuple[float, ...]]]:
