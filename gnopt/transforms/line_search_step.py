@@ -67,7 +67,7 @@ def scale_by_line_search(
         raise TypeError("line_search must be a gnopt.line_search.AbstractLineSearch, got "
                         f"{type(line_search).__name__}")
     if loss_chunk_size is not None:
-        check_int("gauss_newton", "loss_chunk_size", loss_chunk_size, low=1)
+        check_int("scale_by_line_search", "loss_chunk_size", loss_chunk_size, low=1)
     names = ("loss_before", "step_size") + line_search.stat_names
 
     def loss_of(params, batch):
