@@ -6,7 +6,7 @@ where :mod:`gnopt.train` finds them when it does not run from a checkout.
 
 from setuptools import find_packages, setup
 
-GIN_PACKAGES = {"gnopt.gin": "gin", "gnopt.gin.base": "gin/base"}
+GIN_PACKAGES = {"gnopt.gin": "gin", "gnopt.gin.base": "gin/base", "gnopt.gin.steps": "gin/steps"}
 
 setup(
     packages=find_packages(include=["gnopt", "gnopt.*"]) + list(GIN_PACKAGES),

@@ -65,7 +65,7 @@ _register("gnopt.control", {"fusion_weight_controller": control.fusion_weight_co
                             "damping_controller": control.damping_controller})
 _register("gnopt.transforms", {
     name: getattr(transforms, name)
-    for name in ("adamw", "lion", "muon", "soap", "shampoo", "kfac", "constant", "warmup_cosine")
+    for name in ("adamw", "lion", "muon", "soap", "shampoo", "kfac", "constant", "ramp", "warmup_cosine")
 })
 _register("gnopt.solvers", {
     "cg": solvers.cg, "inner_optimizer": solvers.inner_optimizer,

@@ -1444,16 +1444,23 @@ def _one_line_warnings(original: Callable) -> Callable:
     return format_warning
 
 
-def _main(args: argparse.Namespace, run_dir: str) -> int:
+def parse_gin(files: list[str], bindings: list[str] = ()) -> None:
+    """Parses gin ``files``, then ``bindings``, into gin's global config; files
+    (and their includes) are found as :func:`_resolve_gin_file` says."""
     logging.disable(logging.ERROR)  # gin's resource reader logs every search-path miss
     try:
         with _gin_includes_relative_to_including_file():
-            gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
+            gin.parse_config_files_and_bindings(files, bindings)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _main(args: argparse.Namespace, run_dir: str) -> int:
+    try:
+        parse_gin(args.gin_file, args.gin_param)
     except Exception as e:  # noqa: BLE001 -- any parse error is a config error: one line, exit 2
         print(f"gnopt.train: config error: {_one_line(e)}", file=sys.stderr)
         return 2
-    finally:
-        logging.disable(logging.NOTSET)
     try:
         _start_processes()
         mode = ("dry_run" if args.dry_run else "memory" if args.shapes_only

@@ -39,10 +39,10 @@ OPTS = {
   "gn_prox": lambda: gnopt.gauss_newton(apply_model, LOSS, solver=solvers.prox_linear(gnopt.inner_muon(0.03), 4), line_search=line_search.grid(5)),
   "gn_cg_lm": lambda: gnopt.gauss_newton(apply_model, LOSS, solver=solvers.cg(max_iters=5), damping=control.damping_controller(damping0=1e-2), line_search=line_search.backtracking(), learning_rate=optax.linear_schedule(0.5, 1.0, 3)),
   "gn_nielsen": lambda: gnopt.gauss_newton(apply_model, LOSS, solver=solvers.cg(max_iters=5), damping=control.nielsen_damping(1e-3)),
-  "pim_interp": lambda: gnopt.pi_muon(apply_model, LOSS, 0.08, solver=im(), damping=0.0),
+  "pim_interp": lambda: gnopt.pi_muon(apply_model, LOSS, 0.08, solver=im(), damping=0.0, parallel="interpolate"),
   "pim_literal": lambda: gnopt.pi_muon(apply_model, LOSS, 0.08, solver=im(), damping=0.0, parallel="muon"),
   "pim_plane": lambda: gnopt.pi_muon(apply_model, LOSS, 0.08, solver=im(), damping=0.0, parallel="plane"),
-  "pim_cg_given": lambda: gnopt.pi_muon(apply_model, LOSS, 0.3, gradient="given", muon_step_length="muon"),
+  "pim_cg_given": lambda: gnopt.pi_muon(apply_model, LOSS, 0.3, gradient="given", muon_step_length="muon", parallel="interpolate"),
 }
 out = {}
 for name, make in OPTS.items():

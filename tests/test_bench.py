@@ -121,14 +121,95 @@ def test_steps_to_target_smoke_model_fields_and_decaying_baselines(tmp_path):
     assert record["options"]["decay_steps"] == 6
 
 
-def test_baseline_schedule_ramps_then_holds_or_decays():
-    constant = runs.baseline_schedule(1.0, warmup_steps=4)
-    decaying = runs.baseline_schedule(1.0, warmup_steps=4, decay_steps=20)
+def test_ramp_schedule_ramps_then_holds_or_decays():
+    from gnopt.transforms import ramp
+
+    constant = ramp(1.0, warmup_steps=4)
+    decaying = ramp(1.0, warmup_steps=4, decay_steps=20)
     assert [float(constant(t)) for t in (0, 3, 50)] == pytest.approx([0.25, 1.0, 1.0])
     assert float(decaying(0)) == pytest.approx(0.25)
     assert float(decaying(4)) == pytest.approx(1.0)
     assert float(decaying(12)) == pytest.approx(0.55)  # half-way down the cosine to 0.1
     assert [float(decaying(t)) for t in (20, 50)] == pytest.approx([0.1, 0.1])
+
+
+def _options(**changes):
+    import argparse
+
+    return argparse.Namespace(**dict(steps.FULL, **changes))
+
+
+def test_the_optimizer_table_is_gin_steps():
+    """Issue 16 item 5: one table of optimizers, the files of gin/steps/ (which
+    ``python -m gnopt.train`` runs too, tests/test_train.py); whether a row is
+    second-order comes from its builder's stated requirements."""
+    table = steps.optimizer_table(_options())
+    files = sorted(p.stem for p in (ROOT / "gin" / "steps").glob("*.gin"))
+    assert sorted(table) == files
+    assert {"adamw", "muon", "soap", "shampoo", "kfac", "gn_full", "gn_layerwise",
+            "gn_prox_linear", "pi_muon", "pi_muon_literal", "pi_muon_interpolate"} <= set(table)
+    second = {name for name, opt in table.items() if opt.second_order}
+    assert second == {n for n in files if n.startswith(("gn_", "pi_muon"))}
+    assert table["muon"].learning_rates == (0.04, 0.08, 0.16)
+    for opt in table.values():
+        tx = opt.build(opt.learning_rates[0], 10)
+        assert callable(tx.init) and callable(tx.update)
+
+
+def test_steps_gin_macros_default_to_the_suites_options():
+    """``python -m gnopt.train --gin_file steps/X.gin`` runs X as the suite does by default."""
+    import gin
+
+    from gnopt import train as train_lib
+
+    gin.clear_config()
+    train_lib.parse_gin([str(ROOT / "gin" / "base" / "steps.gin")])
+    defaults = {k: gin.query_parameter(f"%{k}") for k in
+                ("RAMP_STEPS", "DECAY_STEPS", "INNER_BATCH", "LS_STOP_AT_RISE")}
+    gin.clear_config()
+    assert defaults == {"RAMP_STEPS": steps.FULL["ramp_steps"],
+                        "DECAY_STEPS": steps.FULL["decay_steps"],
+                        "INNER_BATCH": steps.FULL["inner_batch"],
+                        "LS_STOP_AT_RISE": steps.FULL["ls_stop_at_rise"]}
+
+
+def _adam_learning_rates(opt, lr, n):
+    """Adam's first updates of one parameter under a constant gradient are ``−η_t``."""
+    import jax.numpy as jnp
+
+    tx = opt.build(lr, n)
+    params = jnp.zeros((1,))
+    state, rates = tx.init(params), []
+    for _ in range(n):
+        updates, state = tx.update(jnp.ones((1,)), state, params)
+        rates.append(-float(updates[0]))
+    return rates
+
+
+def test_options_reach_the_gin_files():
+    """--ramp-steps, --decay-steps and --gin-param become bindings of every file."""
+    from gnopt.transforms import ramp
+
+    table = steps.optimizer_table(_options(ramp_steps=3, decay_steps=8))
+    expected = [float(ramp(0.01, 3, 8)(t)) for t in range(10)]
+    assert _adam_learning_rates(table["adamw"], 0.01, 10) == pytest.approx(expected, rel=1e-4)
+    table = steps.optimizer_table(_options(gin_param=["gnopt.pi_muon.plane_damping = -1.0"]))
+    with pytest.raises(ValueError, match="plane_damping"):
+        table["pi_muon"].build(0.03, 10)
+
+
+def test_a_users_gin_file_is_a_row(tmp_path):
+    user = tmp_path / "my_adamw.gin"
+    user.write_text("include 'steps/adamw.gin'\nLEARNING_RATES = [1e-3]\n"
+                    "gnopt.transforms.adamw.weight_decay = 0.0\n")
+    table = steps.optimizer_table(_options(optimizers=[str(user), "muon"]))
+    assert table[str(user)].learning_rates == (1e-3,)
+    assert steps.selected(_options(optimizers=[str(user)]), table)[0].name == str(user)
+    assert main(["steps-to-target", "--smoke", "--out", str(tmp_path), "--optimizers",
+                 str(user)]) == 0
+    record = _load(tmp_path / "steps_to_target.json")
+    assert record["gin_files"] == {str(user): user.read_text()}
+    assert [r["optimizer"] for r in record["results"]] == [str(user)]
 
 
 def _run_record(lr, losses):
@@ -281,15 +362,46 @@ def test_flops_per_token_convention():
 
 
 def test_pi_gains_reach_pi_muons_fusion_controller(tmp_path, monkeypatch):
-    import argparse
-
     from gnopt import control
 
     made = []
-    real = control.fusion_weight_controller
-    monkeypatch.setattr(control, "fusion_weight_controller",
-                        lambda **kw: made.append(kw) or real(**kw))
-    o = argparse.Namespace(**dict(steps.FULL, pi_gains="0.4,0.05"))
-    steps.optimizer_table(o)["pi_muon"].build(0.03)
-    assert made == [dict(kp=0.4, ki=0.05, reject_below=0.0)]
+    real = control.PIController.__init__
+    monkeypatch.setattr(control.PIController, "__init__",
+                        lambda self, *a, **kw: made.append(kw) or real(self, *a, **kw))
+    steps.optimizer_table(_options(pi_gains="0.4,0.05"))["pi_muon"].build(0.03, 10)
+    assert [(kw.get("kp"), kw.get("ki")) for kw in made] == [(0.4, 0.05)]
     assert main(["steps-to-target", "--smoke", "--out", str(tmp_path), "--pi-gains", "0.4"]) == 2
+
+
+def test_fusion_diagnostics_plot_only_for_fused_runs(tmp_path):
+    from gnopt.bench import plots
+
+    def result(name, with_lambda):
+        curve = [{"step": 0, "val_loss": 3.0}]
+        for step in (1, 2, 3):
+            point = {"step": step, "val_loss": 3.0 - 0.1 * step}
+            if with_lambda:
+                point.update({"lambda": 0.5 + 0.1 * step, "rho": 0.9, "plane_a": 0.7,
+                              "plane_c": 0.2, "accepted": float(step != 2)})
+            curve.append(point)
+        return {"optimizer": name, "best_lr": 0.03, "runs": [{"lr": 0.03, "curve": curve}]}
+
+    path = tmp_path / "fusion.png"
+    assert not plots.fusion_diagnostics([result("gn_layerwise", False)], str(path))
+    assert not path.exists()
+    assert plots.fusion_diagnostics([result("gn_layerwise", False), result("pi_muon", True)],
+                                    str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("include 'base/tiny.gin'\nLEARNING_RATES = [1e-3]\n", "sets no train.optimizer"),
+    ("train.optimizer = @gnopt.transforms.adamw\n", "defines no LEARNING_RATES"),
+])
+def test_a_gin_row_without_an_optimizer_or_a_grid_exits_2(tmp_path, capsys, text, message):
+    user = tmp_path / "mine.gin"
+    user.write_text(text)
+    assert main(["steps-to-target", "--smoke", "--out", str(tmp_path), "--optimizers",
+                 str(user)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(user) in err and err.count("\n") == 1

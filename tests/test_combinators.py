@@ -143,10 +143,12 @@ class ZeroWeight(control.AbstractController):
 
 @pytest.mark.parametrize("make_base", [lambda: gnopt.adamw(1e-2), lambda: gnopt.soap(1e-2)],
                          ids=["adamw", "soap"])
-def test_fuse_with_zero_weight_is_the_base_optimizer(make_base):
+@pytest.mark.parametrize("parallel", ["interpolate", "muon"])
+def test_fuse_with_zero_weight_is_the_base_optimizer(make_base, parallel):
+    """(On the plane, λ = 0 is the base's direction at the model's length instead.)"""
     params, batch = problem()
     fused = gnopt.fuse(make_base(), APPLY, LOSS, fusion=ZeroWeight(), damping=0.0,
-                       gradient="given", base_step_length="base")
+                       gradient="given", base_step_length="base", parallel=parallel)
     p1, _ = run(fused, params, batch, grads=True)
     p2, _ = run(make_base(), params, batch, grads=True)
     assert same(p1, p2)

@@ -115,7 +115,8 @@ def test_inject_hyperparams_pi_muon_learning_rate_without_retrace():
     assert len(traces) == 1
     changed = gnopt.pi_muon(mlp_apply, LOSS, 0.05, solver=solver)
     expected, _ = changed.update(zeros(params), state.inner_state, params, batch=batch)
-    assert_trees_close(second, expected, rtol=1e-4)
+    # the plane's 2×2 solve rounds differently in the jitted and the eager program
+    assert_trees_close(second, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_pi_muon_fusion_gain_changed_with_tree_at_does_not_retrace():

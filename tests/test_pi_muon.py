@@ -52,7 +52,7 @@ def test_zero_lambda_with_the_solvers_gradient_is_muon_up_to_rounding():
     params, batch = mlp_batch()
     solver = gnopt.solvers.inner_optimizer(gnopt.inner_muon(0.03), inner_batch_size=4)
     pim = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, fusion=zero_lambda(), solver=solver,
-                  muon_step_length="muon")
+                  parallel="interpolate", muon_step_length="muon")
     ref = muon(0.02)
     p1, p2, s1, s2 = params, params, pim.init(params), ref.init(params)
     for _ in range(3):
@@ -80,7 +80,8 @@ def test_gn_step_length_is_the_model_minimiser_along_s(x64, length):
     solver = gnopt.solvers.cg(max_iters=30)
     curv = gnopt.curvature.layerwise()
     tx = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, solver=solver, curvature=curv,
-                 fusion=fixed_lambda(1.0), damping=1e-4, gn_step_length=length)
+                 fusion=fixed_lambda(1.0), damping=1e-4, gn_step_length=length,
+                 parallel="interpolate")
     step, state = tx.update(grads_of(params, batch), tx.init(params), params, batch=batch,
                             line_search_batch=trust)
     s, _ = solver.solve(mlp_apply, losses.softmax_cross_entropy, curv, params, batch,
@@ -107,7 +108,7 @@ def test_muon_step_length_from_the_model_shortens_u(x64, lr):
     trust = mlp_batch(seed=1, n=16)[1]
     trust = (trust[0].astype(jnp.float64), trust[1])
     tx = pi_muon(mlp_apply, losses.softmax_cross_entropy, lr, fusion=zero_lambda(),
-                 gradient="given", muon_step_length="model")
+                 gradient="given", muon_step_length="model", parallel="interpolate")
     step, state = tx.update(grads_of(params, batch), tx.init(params), params, batch=batch,
                             line_search_batch=trust)
     u, _ = muon(lr).update(grads_of(params, batch), muon(lr).init(params), params)
@@ -141,7 +142,7 @@ class _NaNSolver(gnopt.solvers.AbstractSolver):
 def test_a_non_finite_gn_step_falls_back_to_muon_and_does_not_seed_the_next_solve():
     params, batch = mlp_batch()
     tx = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, solver=_NaNSolver(), gradient="given",
-                 muon_step_length="muon")
+                 muon_step_length="muon", parallel="interpolate")
     ref = muon(0.02)
     step, state = tx.update(grads_of(params, batch), tx.init(params), params, batch=batch)
     expected, _ = ref.update(grads_of(params, batch), ref.init(params), params)
@@ -150,6 +151,19 @@ def test_a_non_finite_gn_step_falls_back_to_muon_and_does_not_seed_the_next_solv
     assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(state.gn_warm_start))
     assert float(state.length_correction) == 0.5
     assert bool(jnp.isfinite(state.fusion.output))
+
+
+def test_a_non_finite_gn_step_leaves_the_plane_at_muons_direction():
+    """``parallel="plane"`` (the default): a non-finite ``s`` makes the 2×2 model
+    unusable, so the step is ``β u`` (finite), and ``s`` does not seed the next solve."""
+    params, batch = mlp_batch()
+    tx = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, solver=_NaNSolver(), gradient="given")
+    step, state = tx.update(grads_of(params, batch), tx.init(params), params, batch=batch)
+    u, _ = muon(0.02).update(grads_of(params, batch), muon(0.02).init(params), params)
+    beta = float(state.diagnostics["muon_scale"])
+    assert 0.0 < beta <= 1.0 and float(state.diagnostics["plane_c"]) == 0.0
+    np.testing.assert_allclose(ravel_pytree(step)[0], beta * ravel_pytree(u)[0], rtol=1e-5, atol=1e-8)
+    assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(state.gn_warm_start))
 
 
 def test_a_rejected_step_is_cut_back_to_the_parabola_minimiser(x64):
@@ -163,7 +177,8 @@ def test_a_rejected_step_is_cut_back_to_the_parabola_minimiser(x64):
     # λ ≡ 1 and a huge solver step (length from the solver): the loss rises
     solver = gnopt.solvers.cg(max_iters=30)
     overshoot = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, fusion=fixed_lambda(1.0, 0.0),
-                        damping=1e-8, gn_step_length="solver", solver=solver)
+                        damping=1e-8, gn_step_length="solver", solver=solver,
+                        parallel="interpolate")
     step, state = overshoot.update(grads_of(params, batch), overshoot.init(params), params, batch=batch)
     # λ = 1, interpolation, the solver's length: the fused step is the solver's s itself
     full, _ = solver.solve(mlp_apply, losses.softmax_cross_entropy, gnopt.curvature.layerwise(), params,
@@ -190,7 +205,7 @@ def test_a_step_that_raises_the_loss_as_predicted_is_cut_back(x64):
     params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
     batch = (batch[0].astype(jnp.float64), batch[1])
     loss = lambda p: float(losses.softmax_cross_entropy(mlp_apply(p, batch[0]), batch[1]))
-    kwargs = dict(damping=1e-2, gradient="given", muon_step_length="muon")
+    kwargs = dict(damping=1e-2, gradient="given", muon_step_length="muon", parallel="interpolate")
     tx = pi_muon(mlp_apply, losses.softmax_cross_entropy, 2.0, fusion=fixed_lambda(0.0, 0.0), **kwargs)
     step, state = tx.update(grads_of(params, batch), tx.init(params), params, batch=batch)
     diag = state.diagnostics
@@ -221,7 +236,7 @@ def test_the_fallback_of_the_issue_is_checked_not_taken_blindly():
     params, batch = softmax_regression(seed=3)
     fresh = softmax_regression(seed=4)[1]
     tx = pi_muon(softmax_apply, losses.softmax_cross_entropy, 2.0, fusion=fixed_lambda(0.3, 0.0),
-                 muon_step_length="muon", rejected="muon", gradient="given")
+                 muon_step_length="muon", rejected="muon", gradient="given", parallel="interpolate")
     step, state = tx.update(grads_of_softmax(params, batch), tx.init(params), params, batch=batch,
                             line_search_batch=fresh)
     before = float(losses.softmax_cross_entropy(softmax_apply(params, fresh[0]), fresh[1]))
@@ -321,6 +336,26 @@ def test_plane_coefficients_minimise_the_dense_gn_model_on_the_plane(x64, lam, m
     assert float(diag["plane_c"]) == pytest.approx(c_exp, rel=1e-6)
     assert bool(diag["accepted"])
     np.testing.assert_allclose(ravel_pytree(step)[0], basis @ [a_exp, c_exp], rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.5])
+def test_a_zero_base_step_leaves_the_gn_step_on_the_plane(x64, lam):
+    """``u = 0`` (SOAP's first step): ``M`` is singular, and the step is ``λ γ s``,
+    ``γ = clip(−gᵀs/sᵀGs, 0, 1)`` from the dense GGN of the trust batch (not zero)."""
+    params, batch, trust = f64_problem(trust_seed=3)
+    s, _ = gnopt.solvers.cg(max_iters=30).solve(
+        mlp_apply, losses.softmax_cross_entropy, gnopt.curvature.layerwise(), params, batch,
+        jax.tree.map(jnp.zeros_like, params), 1e-4)
+    u = jax.tree.map(jnp.zeros_like, params)
+    _, perp = split_whole(s, u)
+    g_dense, _, _ = dense_ggn(mlp_apply, losses.softmax_cross_entropy, params, trust)
+    grad = ravel_pytree(grads_of(params, trust))[0]
+    s_flat = ravel_pytree(s)[0]
+    gamma = float(np.clip(-(grad @ s_flat) / (s_flat @ g_dense @ s_flat), 0.0, 1.0))
+    model = gnopt.curvature.LinearisedModel(mlp_apply, losses.softmax_cross_entropy, params, trust)
+    ok, a, c, beta = plane_coefficients(model, u, perp, lam)
+    assert bool(ok) and float(a) == 0.0 and float(beta) == 0.0
+    assert 0.0 < gamma and float(c) == pytest.approx(lam * gamma, rel=1e-8)
 
 
 def test_plane_with_zero_lambda_is_muons_direction_at_the_model_length(x64):

@@ -63,8 +63,7 @@ def _run(run_dir, *params, gin_file="tiny_adamw.gin", extra=()):
 def _parse(gin_file, *params):
     """Parses a gin file as ``python -m gnopt.train`` does (includes found the same way)."""
     gin.clear_config()
-    with train_lib._gin_includes_relative_to_including_file():
-        gin.parse_config_files_and_bindings([str(GIN / gin_file)], list(params))
+    train_lib.parse_gin([str(GIN / gin_file)], list(params))
 
 
 def _losses(run_dir):
@@ -296,7 +295,8 @@ def test_find_diagnostics_searches_nested_states():
     assert sorted(find_diagnostics(state)) == ["a", "b"]
 
 
-ALL_GIN_FILES = sorted(p.name for p in GIN.glob("*.gin"))
+ALL_GIN_FILES = sorted(str(p.relative_to(GIN)) for p in [*GIN.glob("*.gin"),
+                                                          *GIN.glob("steps/*.gin")])
 TINY_GIN_FILES = [f for f in ALL_GIN_FILES if not f.startswith(("45m", "150m"))]
 
 

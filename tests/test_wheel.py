@@ -47,6 +47,7 @@ def test_wheel_installs_the_experiments_and_runs_from_any_folder(tmp_path):
     (wheel,) = dist.glob("gnopt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "gnopt/gin/quickstart.gin" in names and "gnopt/gin/base/tiny_gn.gin" in names
+    assert "gnopt/gin/steps/pi_muon_interpolate.gin" in names and "gnopt/gin/base/steps.gin" in names
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)])

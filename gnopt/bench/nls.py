@@ -36,7 +36,7 @@ import argparse
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +101,20 @@ def status_of(f: float, problem: mgh.MGHProblem) -> tuple[bool, float | None]:
     return near(problem.f_star), (others[0] if others else None)
 
 
+def _jitted_step(tx, problem: mgh.MGHProblem, batch) -> Callable:
+    """``(x, state) -> (x', state', f(x'), (accepted, CG iterations, ρ, damping))``."""
+
+    @jax.jit
+    def step(x, state):
+        updates, state = tx.update(None, state, x, batch=batch)
+        x = optax.apply_updates(x, updates)
+        d = find_diagnostics(state)
+        return x, state, problem.value(x), (d["accepted"], d["cg_iterations"], d["rho"],
+                                            d["damping"])
+
+    return step
+
+
 def solve(problem: mgh.MGHProblem, controller: str, o) -> dict[str, Any]:
     """One LM-damped GN run on one problem; returns its record."""
     solver = gnopt.solvers.cg(max_iters=o.cg_iters, tol=o.cg_tol,
@@ -113,14 +127,7 @@ def solve(problem: mgh.MGHProblem, controller: str, o) -> dict[str, Any]:
     if x.dtype != jnp.float64:
         raise RuntimeError("the nls suite needs jax_enable_x64")
 
-    @jax.jit
-    def step(x, state):
-        updates, state = tx.update(None, state, x, batch=batch)
-        x = optax.apply_updates(x, updates)
-        d = find_diagnostics(state)
-        return x, state, problem.value(x), (d["accepted"], d["cg_iterations"], d["rho"],
-                                            d["damping"])
-
+    step = _jitted_step(tx, problem, batch)
     start = time.perf_counter()
     state = tx.init(x)
     f0 = float(problem.value(x))

@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _save(fig, path: str) -> None:
@@ -91,3 +92,40 @@ def scaling_chart(steps: dict, noise: dict | None, target: float, path: str) -> 
     for ax in (left, right):
         ax.grid(alpha=0.3, which="both")
     _save(fig, path)
+
+
+FUSION_PANELS = (("lambda", "fusion weight λ"), ("rho", "trust ratio ρ"),
+                 ("plane_a", "coefficient a on u (plane)"),
+                 ("plane_c", "coefficient c on s⊥ (plane)"))
+"""The per-step diagnostics of a fused (PI-Muon) run that :func:`fusion_diagnostics` draws."""
+
+
+def fusion_diagnostics(results: list[dict], path: str, title: str = "") -> bool:
+    """``λ``, ``ρ`` and the plane's coefficients ``a``, ``c`` (``parallel="plane"`` rows only)
+    per step for each result whose best run logged ``lambda`` (the fused optimizers);
+    rejected steps marked ``x``.
+    Writes nothing and returns ``False`` when no result did."""
+    fused = [r for r in results if any("lambda" in p for p in _best_run(r)["curve"])]
+    if not fused:
+        return False
+    fig, axes = plt.subplots(1, len(FUSION_PANELS), figsize=(4 * len(FUSION_PANELS), 3.8))
+    for i, result in enumerate(fused):
+        curve = [p for p in _best_run(result)["curve"] if "lambda" in p]
+        for ax, (key, label) in zip(axes, FUSION_PANELS):
+            if key.startswith("plane_") and not any(p.get(key) for p in curve):
+                continue  # another fusion: its plane coefficients are logged as 0
+            steps = [p["step"] for p in curve]
+            ax.plot(steps, [p.get(key, float("nan")) for p in curve], "o-", markersize=3,
+                    color=f"C{i % 10}", label=f"{result['optimizer']} (lr {result['best_lr']:g})")
+            rejected = [p for p in curve if not p.get("accepted", 1)]
+            ax.plot([p["step"] for p in rejected], [p.get(key, float("nan")) for p in rejected],
+                    "x", color="black", markersize=7)
+            ax.set_title(label, fontsize=9)
+            ax.set_xlabel("optimizer step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+    axes[1].axhline(1.0, color="gray", linestyle=":", linewidth=1)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    _save(fig, path)
+    return True

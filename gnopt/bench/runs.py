@@ -1,4 +1,4 @@
-"""Training runs of the step-count suites: the optimizers, the warm-up, run-to-target.
+"""Training runs of the step-count suites: the optimizers (gin/steps/), the warm-up, run-to-target.
 
 Every run starts from the same warmed-up parameters with a fresh optimizer
 state, sees the same batches (same data seed) and uses the trainer's own step
@@ -11,110 +11,117 @@ and evaluation excluded).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import math
+import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+import gin
 import gnopt
-from gnopt import control, curvature, data, line_search, solvers
+from gnopt import data
+from gnopt import train as train_module
 from gnopt.bench import common
 from gnopt.diagnostics import noise_scale
+from gnopt.requirements import requirements_of
 from gnopt.train import apply_model, make_train_step
-from gnopt.transforms.kfac import tapped_call
 
-from gnopt.transforms.pi_muon import pi_muon
+
+STEPS_GIN = "steps"
+"""The folder of :data:`gnopt.train.GIN_DIR` whose files are the suites' optimizers:
+``steps/<name>.gin`` is optimizer ``name`` (``gin/base/steps.gin`` lists the macros
+the suites bind)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
-    """An optimizer of the study: ``build(lr) -> transform``, swept over ``learning_rates``.
-
-    For the GN family ``lr`` is the inner optimizer's peak learning rate.
-    """
+    """An optimizer of the study: ``build(lr, total_steps) -> transform``, swept over
+    ``learning_rates``. ``second_order``: it computes its own gradient
+    (:class:`gnopt.requirements.Requirements`): it gets a fresh line-search batch
+    and the second-order step cap."""
 
     name: str
-    build: Callable[[float], optax.GradientTransformation]
+    build: Callable[[float, int], optax.GradientTransformation]
     learning_rates: tuple[float, ...]
     second_order: bool = False
 
 
-RAMP_STEPS = 5
-"""Default length of the first-order baselines' linear learning-rate ramp."""
+@contextlib.contextmanager
+def _gin_config(path: str, bindings: Sequence[str]):
+    """gin's global config holds ``path`` with ``bindings`` inside the block only."""
+    gin.clear_config()
+    try:
+        train_module.parse_gin([path], list(bindings))
+        yield
+    finally:
+        gin.clear_config()
 
 
-def baseline_schedule(lr: float, warmup_steps: int = RAMP_STEPS,
-                      decay_steps: int | None = None) -> optax.Schedule:
-    """Linear ramp over ``warmup_steps``, then constant, or a cosine to ``0.1·lr`` at ``decay_steps``."""
-    if decay_steps is None:
-        return gnopt.transforms.constant(lr, warmup_steps)
-    return gnopt.transforms.warmup_cosine(lr, decay_steps, warmup_steps)
+def _gin_optimizer(path: str):
+    builder = gin.get_bindings("train").get("optimizer")
+    if builder is None:
+        raise ValueError(f"{path} sets no train.optimizer")
+    return builder
 
 
-def optimizers(inner_batch: int, warmup_steps: int = RAMP_STEPS, ls_stop_at_rise: bool = False,
-               decay_steps: int | None = None,
-               pi_gains: tuple[float, float] | None = None) -> dict[str, Optimizer]:
-    """The compared optimizers with their default learning-rate grids.
-
-    First-order baselines ramp their learning rate linearly over
-    ``warmup_steps`` (their moments restart from zero), then keep it constant
-    or, with ``decay_steps``, decay it by a cosine to 0.1× at that step (and
-    stay there): a horizon to sweep, since annealing lowers the loss sooner.
-    Muon's AdamW part (embedding, head, vectors) uses a fixed ``3e-3``.
-    GN: inner Muon/Adam with the inner cosine schedule, ``inner_batch``
-    sequences per inner step, line search ``{2^(−i/2)}`` with 5 points
-    (10 for layerwise, as in the paper). PI-Muon: Muon's part as Muon's best
-    (``η = 0.08``), its layerwise GN step from the same inner solver as GN
-    (``lr`` is the inner learning rate), no damping; ``pi_muon_literal`` and
-    ``pi_muon_plane`` are its fusion ablations (``parallel="muon"`` and
-    ``"plane"``, docs/pi_muon.md). ``ls_stop_at_rise``: GN's
-    grid search stops at the first rise (:class:`gnopt.line_search.GridLineSearch`).
-    ``pi_gains``: ``(K_p, K_i)`` of PI-Muon's fusion-weight controller (default
-    ``pi_muon``'s, ``(0.2, 0.1)``), for the gain sensitivity sweep.
+def from_gin(path: str, bindings: Sequence[str] = ()) -> Optimizer:
+    """The optimizer ``train.optimizer`` of gin file ``path`` (with ``bindings``), built as
+    ``python -m gnopt.train`` builds it (:func:`gnopt.train.build_optimizer`). Its macro
+    ``LEARNING_RATES`` is the grid; ``build(lr, total_steps)`` binds ``LEARNING_RATE = lr``.
+    Each build parses the file into gin's global config, and clears that config after.
     """
-    ramp = lambda lr: baseline_schedule(lr, warmup_steps, decay_steps)
+    def build(lr: float, total_steps: int) -> optax.GradientTransformation:
+        with _gin_config(path, [*bindings, f"LEARNING_RATE = {lr!r}"]):
+            tx, _ = train_module.build_optimizer(_gin_optimizer(path), loss_fn=common.LOSS,
+                                                 total_steps=total_steps)
+        return tx
 
-    def gn(solver_fn, curv, points: int):
-        return lambda lr: gnopt.gauss_newton(
-            apply_model, common.LOSS, solver=solver_fn(gnopt.inner_muon(lr), inner_batch),
-            curvature=curv, line_search=line_search.grid(points, stop_at_rise=ls_stop_at_rise))
+    with _gin_config(path, bindings):
+        builder = _gin_optimizer(path)
+        try:
+            grid = tuple(float(lr) for lr in gin.query_parameter("%LEARNING_RATES"))
+        except ValueError:
+            raise ValueError(f"{path} defines no LEARNING_RATES (its learning-rate grid, "
+                             "e.g. LEARNING_RATES = [0.01, 0.03])") from None
+    name = os.path.splitext(os.path.basename(path))[0]
+    return Optimizer(name, build, grid, requirements_of(builder).own_gradient)
 
-    def pim(parallel: str):
-        return lambda lr: pi_muon(
-            apply_model, common.LOSS, ramp(0.08), adam_learning_rate=ramp(3e-3),
-            solver=solvers.inner_optimizer(gnopt.inner_muon(lr), inner_batch), damping=0.0,
-            parallel=parallel, fusion=None if pi_gains is None else control.fusion_weight_controller(
-                kp=pi_gains[0], ki=pi_gains[1], reject_below=0.0))
 
-    gn_grid = (1e-2, 3e-2, 1e-1)
-    table = [
-        Optimizer("adamw", lambda lr: gnopt.transforms.adamw(ramp(lr)), (3e-3, 6e-3, 1.2e-2)),
-        Optimizer("muon", lambda lr: gnopt.transforms.muon(ramp(lr), adam_learning_rate=ramp(3e-3)),
-                  (0.04, 0.08, 0.16)),
-        Optimizer("soap", lambda lr: gnopt.transforms.soap(ramp(lr)), (6e-3, 1.2e-2, 2.4e-2)),
-        Optimizer("shampoo", lambda lr: gnopt.transforms.shampoo(ramp(lr)), (3e-3, 6e-3, 1.2e-2)),
-        Optimizer("kfac", lambda lr: gnopt.transforms.kfac(tapped_call, common.LOSS, ramp(lr)),
-                  (3e-3, 1e-2, 3e-2)),
-        Optimizer("gn_full", gn(solvers.inner_optimizer, curvature.full(), 5), gn_grid, True),
-        Optimizer("gn_layerwise", gn(solvers.inner_optimizer, curvature.layerwise(), 10),
-                  gn_grid, True),
-        Optimizer("gn_prox_linear", gn(solvers.prox_linear, curvature.full(), 5), gn_grid, True),
-        Optimizer("pi_muon", pim("interpolate"), gn_grid, True),
-        Optimizer("pi_muon_literal", pim("muon"), gn_grid, True),
-        Optimizer("pi_muon_plane", pim("plane"), gn_grid, True),
-    ]
+def optimizers(bindings: Sequence[str] = ()) -> dict[str, Optimizer]:
+    """The compared optimizers, one per file of ``gin/steps/`` (see the files and
+    ``gin/base/steps.gin``), each with ``bindings`` (gin lines) applied after its file.
+
+    First-order baselines ramp their learning rate linearly over ``RAMP_STEPS``
+    (their moments restart from zero), then keep it constant or, with
+    ``DECAY_STEPS``, decay it by a cosine to 0.1× at that step (and stay there):
+    a horizon to sweep, since annealing lowers the loss sooner. GN: inner
+    Muon/Adam with the inner cosine schedule, ``INNER_BATCH`` sequences per
+    inner step, line search ``{2^(−i/2)}`` with 5 points (10 for layerwise, as
+    in the paper). PI-Muon: Muon's part as Muon's best (``η = 0.08``), its
+    layerwise GN step from the same inner solver as GN (the swept rate is the
+    inner learning rate), no damping, the fusion on the plane (``gnopt.pi_muon``'s
+    default); ``pi_muon_interpolate`` and ``pi_muon_literal`` are its fusion
+    ablations (docs/pi_muon.md).
+    """
+    folder = os.path.join(train_module.GIN_DIR, STEPS_GIN)
+    paths = sorted(glob.glob(os.path.join(folder, "*.gin")))
+    if not paths:
+        raise FileNotFoundError(f"no optimizer files {folder}/*.gin")
+    table = [from_gin(path, bindings) for path in paths]
     return {opt.name: opt for opt in table}
 
 
 def with_noise_scale(opt: Optimizer, small_batch: int) -> Optimizer:
     """``opt`` with :func:`gnopt.diagnostics.noise_scale` in front (logs ``noise_scale``)."""
-    return dataclasses.replace(opt, build=lambda lr: optax.chain(
-        noise_scale(apply_model, common.LOSS, small_batch), opt.build(lr)))
+    return dataclasses.replace(opt, build=lambda lr, total_steps: optax.chain(
+        noise_scale(apply_model, common.LOSS, small_batch), opt.build(lr, total_steps)))
 
 
 @dataclasses.dataclass
@@ -160,7 +167,7 @@ def train(opt: Optimizer, lr: float, params, corpus: Data, evaluate, *, batch_si
       ``compile_s``, ``stop_reason`` and the ``curve`` (one entry per evaluated
       step: step, tokens, wall_s, loss, val_loss and the optimizer's diagnostics).
     """
-    tx = opt.build(lr)
+    tx = opt.build(lr, max_steps)
     step_fn = make_train_step(tx, common.LOSS, check_grads=not opt.second_order)
     params = common.copy_tree(params)
     state = common.copy_tree(tx.init(params))  # some inits share buffers; steps donate them
@@ -210,7 +217,7 @@ def warm_up(params, corpus: Data, evaluate, *, steps: int, batch_size: int,
             lr: float) -> tuple[Any, dict[str, Any]]:
     """The shared starting point: ``steps`` of AdamW (linear warm-up over 10%, cosine decay)."""
     schedule = gnopt.transforms.warmup_cosine(lr, steps, max(1, steps // 10))
-    opt = Optimizer("adamw_warmup", lambda _: gnopt.transforms.adamw(schedule), (lr,))
+    opt = Optimizer("adamw_warmup", lambda *_: gnopt.transforms.adamw(schedule), (lr,))
     params, record = train(opt, lr, params, corpus, evaluate, batch_size=batch_size,
                            max_steps=steps, eval_every=steps)
     return params, record

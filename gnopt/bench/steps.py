@@ -20,6 +20,8 @@ to check that GN's lead is not the baselines' missing anneal);
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -31,7 +33,7 @@ FULL = dict(model="tiny", vocab_size=None, dtype="float32", seq=64, batch=128, i
             warmup_steps=150, warmup_batch=16, warmup_lr=3e-3, target=[2.45], max_steps=120,
             max_gn_steps=16, eval_every=1, val_batch=64, val_batches=4, max_bytes=None,
             optimizers=None, lr=[], ls_batch=None, ls_stop_at_rise=False, model_field=[],
-            ramp_steps=runs.RAMP_STEPS, decay_steps=None, pi_gains=None)
+            ramp_steps=5, decay_steps=None, pi_gains=None, gin_param=[], seed=0)
 SMOKE = dict(FULL, seq=16, batch=4, inner_batch=2, warmup_steps=2, warmup_batch=2, max_steps=2,
              max_gn_steps=2, val_batch=2, val_batches=1, max_bytes=300_000,
              optimizers=["adamw", "gn_layerwise"], lr=["adamw=1e-2", "muon=0.02", "soap=3e-3"])
@@ -52,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ls-stop-at-rise", action="store_true", default=None,
                         help="GN's grid line search stops at the first rise of the loss")
     parser.add_argument("--ramp-steps", type=int,
-                        help=f"first-order baselines' linear lr ramp in steps ({runs.RAMP_STEPS})")
+                        help="first-order baselines' linear lr ramp in steps (5)")
     parser.add_argument("--decay-steps", type=int,
                         help="first-order baselines decay their lr by a cosine to 0.1x at this "
                              "step (default: constant after a 5-step ramp)")
@@ -68,11 +70,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-batch", type=int, help="validation batch in sequences (64)")
     parser.add_argument("--val-batches", type=int, help="validation batches (4)")
     parser.add_argument("--max-bytes", type=int, help="cap on corpus bytes read (all)")
-    parser.add_argument("--optimizers", nargs="+", help="subset to run (all)")
+    parser.add_argument("--optimizers", nargs="+",
+                        help="subset to run (all of gin/steps/), by name, or gin files of "
+                             "your own (PATH.gin: its train.optimizer, swept over its "
+                             "LEARNING_RATES, see gin/base/steps.gin)")
     parser.add_argument("--lr", action="append", metavar="NAME=LR[,LR...]",
                         help="replace an optimizer's learning-rate grid (repeatable)")
     parser.add_argument("--pi-gains", metavar="KP,KI",
                         help="PI-Muon rows: the fusion weight's PI gains (default 0.2,0.1)")
+    parser.add_argument("--gin-param", action="append", metavar="BINDING",
+                        help="a gin binding applied to every optimizer's file, e.g. "
+                             "'gnopt.pi_muon.plane_damping = 0.1' (repeatable)")
+    parser.add_argument("--seed", type=int,
+                        help="order of the training batches, warm-up included (0); the "
+                             "model's initialisation and the validation batches stay fixed")
     parser.add_argument("--name", default="steps_to_target", help="result file name")
 
 
@@ -127,7 +138,7 @@ def setup(o) -> tuple[Any, runs.Data, Any, dict]:
     """Model config, corpus, evaluator and warmed-up parameters."""
     config = model_config(o)
     corpus = runs.Data.stdlib(o.seq, val_batch=o.val_batch, val_batches=o.val_batches,
-                              max_bytes=o.max_bytes)
+                              max_bytes=o.max_bytes, seed=o.seed)
     evaluate = runs.make_evaluator(corpus.val_batches)
     params = models.LLaMA(config, key=jax.random.PRNGKey(0))
     print(f"{models.describe(params)}", flush=True)
@@ -140,12 +151,14 @@ def setup(o) -> tuple[Any, runs.Data, Any, dict]:
 
 
 def optimizer_table(o) -> dict[str, runs.Optimizer]:
-    """:func:`gnopt.bench.runs.optimizers` with the options' ramp, decay and line search."""
+    """The optimizers of ``gin/steps/`` (and the gin files among ``--optimizers``) with the
+    options' ramp, decay, inner batch, line search, PI gains and ``--gin-param`` bound."""
     if o.ramp_steps < 0:
         raise ValueError(f"--ramp-steps {o.ramp_steps} must be >= 0")
     if o.decay_steps is not None and o.decay_steps <= o.ramp_steps:
         raise ValueError(f"--decay-steps {o.decay_steps} must exceed --ramp-steps {o.ramp_steps}")
-    gains = None
+    bindings = [f"RAMP_STEPS = {o.ramp_steps}", f"DECAY_STEPS = {o.decay_steps}",
+                f"INNER_BATCH = {o.inner_batch}", f"LS_STOP_AT_RISE = {bool(o.ls_stop_at_rise)}"]
     if o.pi_gains is not None:
         try:
             gains = tuple(float(x) for x in o.pi_gains.split(","))
@@ -153,8 +166,14 @@ def optimizer_table(o) -> dict[str, runs.Optimizer]:
             gains = ()
         if len(gains) != 2 or min(gains) < 0:
             raise ValueError(f"--pi-gains {o.pi_gains!r} must be two numbers >= 0, KP,KI")
-    return runs.optimizers(o.inner_batch, o.ramp_steps, ls_stop_at_rise=o.ls_stop_at_rise,
-                           decay_steps=o.decay_steps, pi_gains=gains)
+        bindings += [f"gnopt.control.fusion_weight_controller.kp = {gains[0]!r}",
+                     f"gnopt.control.fusion_weight_controller.ki = {gains[1]!r}"]
+    bindings += o.gin_param or []
+    table = runs.optimizers(bindings)
+    for path in (o.optimizers or []):
+        if path.endswith(".gin"):
+            table[path] = dataclasses.replace(runs.from_gin(path, bindings), name=path)
+    return table
 
 
 def plan(o) -> tuple[list[runs.Optimizer], dict[str, tuple[float, ...]]]:
@@ -182,14 +201,24 @@ def run(o, argv: list[str] | None) -> dict[str, Any]:
         # Written after each sweep, so that a run cut off by a time limit keeps what it finished.
         summary, by_target = summarise(results), summarise_targets(results)
         record = {"suite": "steps-to-target", "options": vars_of(o), "target_metric": "val_loss",
-                  "complete": len(results) == len(chosen), **meta, "summary": summary,
+                  "complete": len(results) == len(chosen), **meta, **gin_files(chosen),
+                  "summary": summary,
                   "by_target": by_target, "results": results}
         path = common.write_result(o.out, o.name, record, argv)
-    plots.loss_curves(results, o.target, path.replace(".json", ".png"),
-                      title=f"batch {o.batch} x {o.seq} tokens, best learning rate of each")
+    title = f"batch {o.batch} x {o.seq} tokens, best learning rate of each"
+    plots.loss_curves(results, o.target, path.replace(".json", ".png"), title=title)
+    if plots.fusion_diagnostics(results, path.replace(".json", "_fusion.png"), title=title):
+        print(f"wrote {path.replace('.json', '_fusion.png')}")
     print(steps_table(summary, by_target, o.target))
     print(f"wrote {path}")
     return record
+
+
+def gin_files(chosen: list[runs.Optimizer]) -> dict[str, Any]:
+    """``{"gin_files": {path: text}}`` of the rows given as gin files of your own (so that a
+    result names what it ran); ``{}`` when there are none."""
+    texts = {opt.name: Path(opt.name).read_text() for opt in chosen if opt.name.endswith(".gin")}
+    return {"gin_files": texts} if texts else {}
 
 
 def vars_of(o) -> dict[str, Any]:

@@ -259,15 +259,8 @@ def _clear(out: Path) -> None:
             path.unlink()
 
 
-def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
-            vocab_size: int | None = 32000, tokenizer: str | os.PathLike | None = None,
-            text_column: str = "text", suffixes: Sequence[str] | None = None,
-            stdlib: bool = False, val_every: int = 20, shard_tokens: int = 100_000_000,
-            workers: int = 4, eot_token: str | None = None,
-            tokenizer_train_bytes: int | None = None, progress: bool = True,
-            command: str | None = None) -> dict:
-    """Tokenizes ``inputs`` into shards in ``out``; returns the manifest (see the module
-    docstring; ``tokenizer`` given: it is used and ``vocab_size`` ignored)."""
+def _check_arguments(out: Path, vocab_size, tokenizer, val_every: int, shard_tokens: int,
+                     workers: int) -> None:
     if val_every < 2:
         raise PrepareError(f"--val_every must be >= 2, got {val_every}")
     if shard_tokens < 1 or workers < 1:
@@ -275,51 +268,41 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     if tokenizer is None and (vocab_size is None or vocab_size < 257):
         raise PrepareError(f"--vocab_size must be > 256 (the byte alphabet and <|endoftext|>), "
                            f"got {vocab_size}")
-    out = Path(out)
     if out.exists() and not out.is_dir():
         raise PrepareError(f"--out {out} is a file, not a folder")
-    sources = find_sources(inputs, suffixes, stdlib)
-    settings = {"sources": [[name, str(path.resolve()), path.stat().st_size]
-                            for name, path in sources],
-                "tokenizer": None if tokenizer is None else str(Path(tokenizer).resolve()),
-                "vocab_size": None if tokenizer is not None else vocab_size,
-                "text_column": text_column, "val_every": val_every,
-                "shard_tokens": shard_tokens, "eot_token": eot_token,
-                "tokenizer_train_bytes": tokenizer_train_bytes}
-    manifest_path = out / MANIFEST
-    if manifest_path.is_file():
-        try:
-            done = json.loads(manifest_path.read_text())
-        except ValueError:
-            done = {}
-        if done.get("settings") == settings:
-            print(f"{out} is already prepared ({MANIFEST}); nothing to do")
-            return done
-    out.mkdir(parents=True, exist_ok=True)
-    _clear(out)
 
+
+def _done_before(manifest_path: Path, settings: dict) -> dict | None:
+    """The manifest in ``out`` if it was prepared with the same ``settings``."""
+    if not manifest_path.is_file():
+        return None
+    try:
+        done = json.loads(manifest_path.read_text())
+    except ValueError:
+        return None
+    return done if done.get("settings") == settings else None
+
+
+def _tokenizer(sources, tokenizer, vocab_size, *, text_column, val_every, train_bytes,
+               progress):
+    """``(tokenizer, trained)``: the given tokenizer file, or a BPE trained on ``sources``."""
     from tokenizers import Tokenizer
 
     if tokenizer is None:
-        tok = train_tokenizer(sources, vocab_size, text_column=text_column, val_every=val_every,
-                              max_bytes=tokenizer_train_bytes, progress=progress)
-        trained = True
-    else:
-        try:
-            tok = Tokenizer.from_file(str(tokenizer))
-        except Exception as e:  # noqa: BLE001 -- tokenizers raises plain Exceptions
-            raise PrepareError(f"--tokenizer {tokenizer}: not a tokenizers JSON file "
-                               f"({str(e).splitlines()[0]})") from e
-        trained = False
-    token, eot_id = _eot_id(tok, eot_token)
-    size = tok.get_vocab_size()
-    dtype = bin_format.token_dtype(size)
-    tok.save(str(out / f".{TOKENIZER}.tmp"))
-    os.replace(out / f".{TOKENIZER}.tmp", out / TOKENIZER)
+        return train_tokenizer(sources, vocab_size, text_column=text_column, val_every=val_every,
+                               max_bytes=train_bytes, progress=progress), True
+    try:
+        return Tokenizer.from_file(str(tokenizer)), False
+    except Exception as e:  # noqa: BLE001 -- tokenizers raises plain Exceptions
+        raise PrepareError(f"--tokenizer {tokenizer}: not a tokenizers JSON file "
+                           f"({str(e).splitlines()[0]})") from e
 
-    writers = {"train": ShardWriter(out, "train", shard_tokens, dtype),
-               "validation": ShardWriter(out, "val", shard_tokens, dtype)}
-    documents = {"train": 0, "validation": 0}
+
+def _tokenize_into(writers: dict, sources, tok, eot_id: int, dtype, *, text_column: str,
+                   val_every: int, workers: int, progress: bool) -> tuple[dict, list]:
+    """Tokenizes ``sources`` on ``workers`` threads, in order, into the split ``writers``;
+    returns the documents per split and the sources' descriptions."""
+    documents = {split: 0 for split in writers}
     described = []
     bar = tqdm(total=len(sources), unit="file", disable=not progress, dynamic_ncols=True)
     total_tokens = 0
@@ -349,6 +332,49 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
             bar.update(1)
             bar.set_postfix(tokens=f"{total_tokens:,}", refresh=False)
     bar.close()
+    return documents, described
+
+
+def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+            vocab_size: int | None = 32000, tokenizer: str | os.PathLike | None = None,
+            text_column: str = "text", suffixes: Sequence[str] | None = None,
+            stdlib: bool = False, val_every: int = 20, shard_tokens: int = 100_000_000,
+            workers: int = 4, eot_token: str | None = None,
+            tokenizer_train_bytes: int | None = None, progress: bool = True,
+            command: str | None = None) -> dict:
+    """Tokenizes ``inputs`` into shards in ``out``; returns the manifest (see the module
+    docstring; ``tokenizer`` given: it is used and ``vocab_size`` ignored)."""
+    out = Path(out)
+    _check_arguments(out, vocab_size, tokenizer, val_every, shard_tokens, workers)
+    sources = find_sources(inputs, suffixes, stdlib)
+    settings = {"sources": [[name, str(path.resolve()), path.stat().st_size]
+                            for name, path in sources],
+                "tokenizer": None if tokenizer is None else str(Path(tokenizer).resolve()),
+                "vocab_size": None if tokenizer is not None else vocab_size,
+                "text_column": text_column, "val_every": val_every,
+                "shard_tokens": shard_tokens, "eot_token": eot_token,
+                "tokenizer_train_bytes": tokenizer_train_bytes}
+    manifest_path = out / MANIFEST
+    done = _done_before(manifest_path, settings)
+    if done is not None:
+        print(f"{out} is already prepared ({MANIFEST}); nothing to do")
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    _clear(out)
+    tok, trained = _tokenizer(sources, tokenizer, vocab_size, text_column=text_column,
+                              val_every=val_every, train_bytes=tokenizer_train_bytes,
+                              progress=progress)
+    token, eot_id = _eot_id(tok, eot_token)
+    size = tok.get_vocab_size()
+    dtype = bin_format.token_dtype(size)
+    tok.save(str(out / f".{TOKENIZER}.tmp"))
+    os.replace(out / f".{TOKENIZER}.tmp", out / TOKENIZER)
+
+    writers = {"train": ShardWriter(out, "train", shard_tokens, dtype),
+               "validation": ShardWriter(out, "val", shard_tokens, dtype)}
+    documents, described = _tokenize_into(writers, sources, tok, eot_id, dtype,
+                                          text_column=text_column, val_every=val_every,
+                                          workers=workers, progress=progress)
     splits = {}
     for split, writer in writers.items():
         shards = writer.close()

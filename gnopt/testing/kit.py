@@ -248,14 +248,35 @@ def _kind(x) -> str:
     return f"{jnp.result_type(x).name}{list(jnp.shape(x))}" + (" weak" if weak else "")
 
 
-def _purity(kit: _Kit) -> str:
-    tx, problem = kit.tx, kit.problems[0]
-    params, batch = problem.params, problem.batch
-    state0 = tx.init(params)
+def _eager_step_twice(tx, grads, state0, params, batch):
+    """One eager update, twice from the same inputs (under jit a Python-side side effect is
+    traced once): the same result, array leaves, the state's structure kept."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(state0):
         if not isinstance(leaf, (jax.Array, np.ndarray)):
             raise _Failed(f"state leaf {jax.tree_util.keystr(path)} is a {type(leaf).__name__}, "
                           "not an array: keep every number of the state in a jnp array")
+    first = tx.update(grads, state0, params, batch=batch)
+    again = tx.update(grads, state0, params, batch=batch)
+    for what, a, b in (("updates", first[0], again[0]), ("state", first[1], again[1])):
+        if jax.tree.structure(a) != jax.tree.structure(b) or not all(
+                np.array_equal(x, y, equal_nan=True)
+                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))):
+            raise _Failed(f"the same inputs twice gave different {what}: update() keeps "
+                          "state outside the state it returns (a Python dict, a closure, "
+                          "a global)")
+    tree0 = jax.tree.structure(state0)
+    if jax.tree.structure(first[1]) != tree0:
+        raise _Failed("the state's tree structure changed after one step: a value kept in a "
+                      "static field or Python attribute (e.g. a step counter) must be an "
+                      f"array leaf; {str(tree0)[:150]} -> "
+                      f"{str(jax.tree.structure(first[1]))[:150]}")
+    return first
+
+
+def _purity(kit: _Kit) -> str:
+    tx, problem = kit.tx, kit.problems[0]
+    params, batch = problem.params, problem.batch
+    state0 = tx.init(params)
     tree0 = jax.tree.structure(state0)
     rng = np.random.default_rng(kit.seed)
 
@@ -264,21 +285,7 @@ def _purity(kit: _Kit) -> str:
             lambda x: scale * jnp.asarray(rng.standard_normal(x.shape), x.dtype), tree)
 
     grads = [normal(params) for _ in range(3)]
-    # eagerly, twice from the same inputs (under jit a Python-side side effect is traced once)
-    first = tx.update(grads[0], state0, params, batch=batch)
-    again = tx.update(grads[0], state0, params, batch=batch)
-    for what, a, b in (("updates", first[0], again[0]), ("state", first[1], again[1])):
-        if jax.tree.structure(a) != jax.tree.structure(b) or not all(
-                np.array_equal(x, y, equal_nan=True)
-                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))):
-            raise _Failed(f"the same inputs twice gave different {what}: update() keeps "
-                          "state outside the state it returns (a Python dict, a closure, "
-                          "a global)")
-    if jax.tree.structure(first[1]) != tree0:
-        raise _Failed("the state's tree structure changed after one step: a value kept in a "
-                      "static field or Python attribute (e.g. a step counter) must be an "
-                      f"array leaf; {str(tree0)[:150]} -> "
-                      f"{str(jax.tree.structure(first[1]))[:150]}")
+    first = _eager_step_twice(tx, grads[0], state0, params, batch)
     traces = []
 
     @jax.jit
@@ -552,6 +559,54 @@ def _invariance(kit: _Kit, name: str, tol: float) -> str:
     raise ValueError(f"check_all: invariances must be among {INVARIANCES}, got {name!r}")
 
 
+def _check_options(mode: str, params: str, checks, invariances, profile: str | None) -> str:
+    """Raises ``ValueError`` naming a bad option of :func:`check_all`; returns the profile."""
+    if mode not in ("optimizer", "preconditioner"):
+        raise ValueError(f"check_all: mode must be 'optimizer' or 'preconditioner', got {mode!r}")
+    if params not in ("matrix", "dense"):
+        raise ValueError(f"check_all: params must be 'matrix' or 'dense', got {params!r}")
+    for name in checks:
+        if name not in CHECKS:
+            raise ValueError(f"check_all: unknown check {name!r}; choose from {CHECKS}")
+    for name in invariances:
+        if name not in INVARIANCES:
+            raise ValueError(f"check_all: unknown invariance {name!r}; choose from {INVARIANCES}")
+    profile = profile or os.environ.get(PROFILE_ENV, "ci")
+    if profile not in PROFILES:
+        raise ValueError(f"check_all: profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    return profile
+
+
+def _run_plan(plan, checks) -> list[CheckResult]:
+    """Runs the ``(name, check or reason it does not apply)`` of ``plan`` selected by
+    ``checks``, in order; after a failed purity check the rest are skipped."""
+    results, impure = [], False
+    for name, run in plan:
+        base = name.split(":")[0]
+        if base not in checks:
+            continue
+        if isinstance(run, str):
+            results.append(CheckResult(name, "n/a", run))
+            continue
+        if impure:
+            results.append(CheckResult(name, "n/a", "skipped: the purity check failed"))
+            continue
+        start = time.perf_counter()
+        try:
+            status, reason = "pass", run()
+        except _NotApplicable as err:
+            status, reason = "n/a", str(err)
+        except _Failed as err:
+            status, reason = "fail", str(err)
+        except AssertionError as err:
+            status, reason = "fail", str(err).splitlines()[0][:400]
+        except Exception as err:  # a crash is a failure with its reason, never a raw traceback
+            status, reason = "fail", f"raised {_one_line(err)}"
+        results.append(CheckResult(name, status, reason, time.perf_counter() - start))
+        impure |= name == "purity" and results[-1].status == "fail"
+    return results
+
+
 def check_all(
     make_tx: Callable[..., optax.GradientTransformation],
     *,
@@ -622,19 +677,7 @@ def check_all(
     Returns:
       The :class:`KitReport` (``str(report)``: one line per check).
     """
-    if mode not in ("optimizer", "preconditioner"):
-        raise ValueError(f"check_all: mode must be 'optimizer' or 'preconditioner', got {mode!r}")
-    if params not in ("matrix", "dense"):
-        raise ValueError(f"check_all: params must be 'matrix' or 'dense', got {params!r}")
-    for name in checks:
-        if name not in CHECKS:
-            raise ValueError(f"check_all: unknown check {name!r}; choose from {CHECKS}")
-    for name in invariances:
-        if name not in INVARIANCES:
-            raise ValueError(f"check_all: unknown invariance {name!r}; choose from {INVARIANCES}")
-    profile = profile or os.environ.get(PROFILE_ENV, "ci")
-    if profile not in PROFILES:
-        raise ValueError(f"check_all: profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    profile = _check_options(mode, params, checks, invariances, profile)
     kit = _Kit(make_tx, mode, learning_rate, hyperparams, params, seed=seed, **PROFILES[profile])
 
     plan: list[tuple[str, Callable[[], str] | str]] = [("purity", lambda: _purity(kit))]
@@ -650,30 +693,7 @@ def check_all(
     if not invariances:
         plan.append(("invariance", "none selected"))
 
-    results, impure = [], False
-    for name, run in plan:
-        base = name.split(":")[0]
-        if base not in checks:
-            continue
-        if isinstance(run, str):
-            results.append(CheckResult(name, "n/a", run))
-            continue
-        if impure:
-            results.append(CheckResult(name, "n/a", "skipped: the purity check failed"))
-            continue
-        start = time.perf_counter()
-        try:
-            status, reason = "pass", run()
-        except _NotApplicable as err:
-            status, reason = "n/a", str(err)
-        except _Failed as err:
-            status, reason = "fail", str(err)
-        except AssertionError as err:
-            status, reason = "fail", str(err).splitlines()[0][:400]
-        except Exception as err:  # a crash is a failure with its reason, never a raw traceback
-            status, reason = "fail", f"raised {_one_line(err)}"
-        results.append(CheckResult(name, status, reason, time.perf_counter() - start))
-        impure |= name == "purity" and results[-1].status == "fail"
+    results = _run_plan(plan, checks)
     report = KitReport(tuple(results))
     if raise_on_failure and report.failures:
         raise KitFailure(report)

@@ -65,6 +65,15 @@ def warmup_cosine(peak: float, total_steps: int, warmup_steps: int = 0,
     return schedule
 
 
+def ramp(peak: float, warmup_steps: int = 0, decay_steps: int | None = None) -> optax.Schedule:
+    """The benchmarks' schedule: a linear warm-up over ``warmup_steps``, then
+    constant (``decay_steps=None``: :func:`constant`) or a cosine to ``0.1 · peak``
+    at step ``decay_steps`` and constant after (:func:`warmup_cosine`)."""
+    if decay_steps is None:
+        return constant(peak, warmup_steps)
+    return warmup_cosine(peak, decay_steps, warmup_steps)
+
+
 def adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: float = 0.95,
           eps: float = 1e-8, weight_decay: float = 0.1,
           mask=None) -> optax.GradientTransformationExtraArgs:

@@ -5,8 +5,8 @@ the maths, steps 1–6, is in :mod:`gnopt.transforms.pi_muon` with "Muon" read a
 "the base transform"). Per step at ``θ``: the base's update ``u`` (Muon,
 AdamW, SOAP, ...; its gradient from the GN solver or the one given), the GN
 direction ``s`` (:class:`gnopt.GNDirection`, layerwise by default), the fused
-step in ``span{u, s}`` by ``parallel`` (``"interpolate"``, ``"muon"`` for
-``u + λ s⊥``, or ``"plane"``), the trust ratio ``ρ`` on the trust batch, the
+step in ``span{u, s}`` by ``parallel`` (``"plane"``, ``"interpolate"``, or
+``"muon"`` for ``u + λ s⊥``), the trust ratio ``ρ`` on the trust batch, the
 weight ``λ`` (and the damping ``δ``) from controllers on ``ρ``
 (:func:`gnopt.control.decide`), and a checked fallback for a rejected step.
 A PI-fused SOAP + GN is one line::
@@ -93,11 +93,14 @@ def plane_coefficients(model: LinearisedModel, u, perp, lam, damping=0.0):
     ``(a*, c*) = −M⁻¹ b``; with ``damping = μ > 0`` (Levenberg–Marquardt on
     the 2×2 problem) ``(a*, c*) = −(M + μ diag M)⁻¹ b``. Returned: ``c = λ c*``
     and ``a = −(b_u + M_u⊥ c) / ((1 + μ) M_uu)`` (the best ``a`` for that
-    ``c``; ``a*`` at ``λ = 1``, the 1-D minimiser along ``u`` at ``λ = 0``). ``ok`` is false
-    when ``M`` is non-finite or not positive definite (``det M ≤ tol ·
-    M_uu M_⊥⊥``, e.g. ``s⊥ = 0``); then ``a = β``, ``c = 0``. ``β =
-    clip(−gᵀu/uᵀGu, 0, 1)`` is the clipped 1-D minimiser along ``u``
-    (:func:`_line_minimiser`), free from the same entries.
+    ``c``; ``a*`` at ``λ = 1``, the 1-D minimiser along ``u`` at ``λ = 0``).
+    Where ``M`` is non-finite or not positive definite (``det M ≤ tol ·
+    M_uu M_⊥⊥``, e.g. ``s⊥ = 0`` or ``u = 0``) the step is the better, by the
+    model, of the two clipped 1-D minimisers (:func:`_line_minimiser`): ``a = β
+    = clip(−gᵀu/uᵀGu, 0, 1)``, ``c = 0``, or ``a = 0``, ``c = λ clip(−gᵀs⊥ /
+    s⊥ᵀGs⊥, 0, 1)`` (a base that returns a zero step, as SOAP on its first
+    call, leaves the GN step). ``ok``: ``s⊥`` enters the step (it may be
+    non-finite otherwise); ``β`` is returned in every case.
     """
     ju, jp = model.jvp(u), model.jvp(perp)
     gz = model.output_grad()
@@ -113,7 +116,12 @@ def plane_coefficients(model: LinearisedModel, u, perp, lam, damping=0.0):
     c = jnp.where(ok, lam * c_star, 0.0)
     a = -(bu + mup * c) / safe(duu)
     _, beta = _line_minimiser(bu, muu)
-    return ok, jnp.where(ok, a, beta), c, beta
+    perp_ok, gamma = _line_minimiser(bp, mpp)
+    c_line = lam * gamma
+    decrease = lambda t, b, m: jnp.where(jnp.isfinite(b * m), -(t * b + 0.5 * t * t * m), -jnp.inf)
+    along_perp = ~ok & perp_ok & (decrease(c_line, bp, mpp) > decrease(beta, bu, muu))
+    a = jnp.where(ok, a, jnp.where(along_perp, 0.0, beta))
+    return ok | along_perp, a, jnp.where(along_perp, c_line, c), beta
 
 
 def _parabola_step(measured: TrustRatio, step, u):
@@ -135,14 +143,15 @@ def _length_correction(curvature_ratio, low: float, high: float):
 
 STAT_NAMES = ("lambda", "rho", "gn_scale", "muon_scale", "curvature_ratio", "perp_ratio",
               "damping", "accepted", "actual_decrease", "predicted_decrease", "plane_a", "plane_c")
-"""Diagnostics of :func:`fuse` (``muon_scale``: the factor on the base step), plus the solver's."""
+"""Diagnostics of :func:`fuse` (``muon_scale``: the factor on the base step;
+``curvature_ratio``: 0 where undefined, a zero step), plus the solver's."""
 
 
 def _plane_step(model, u, s, lam, plane_damping, base_step_length):
     """``parallel="plane"``: ``a u + c s⊥`` from :func:`plane_coefficients`."""
     _, s_perp = split_whole(s, u)
     ok, a, c, beta = plane_coefficients(model, u, s_perp, lam, plane_damping)
-    # where M is unusable c = 0, and s⊥ (perhaps non-finite) is left out
+    # where s⊥ is not used c = 0, and s⊥ (perhaps non-finite) is left out
     step = jax.tree.map(lambda ul, pl: a * ul + jnp.where(ok, c * pl, 0.0), u, s_perp)
     base_scale = beta if base_step_length == "model" else jnp.ones(())
     scales = {"gn_scale": jnp.ones(()), "muon_scale": base_scale, "plane_a": a, "plane_c": c}
@@ -200,6 +209,36 @@ def _check_arguments(where, *, correction_limits, damping, plane_damping, gn_war
         check_int(where, "trust_batch_size", trust_batch_size, low=1)
 
 
+def _controllers(fusion, damping, where: str):
+    """``fuse``'s fusion-weight and damping controllers, defaults filled in."""
+    fusion = fusion_weight_controller(kp=0.2, reject_below=0.0) if fusion is None else fusion
+    if not isinstance(fusion, AbstractController):
+        raise TypeError(f"{where}: fusion must be a gnopt.control controller, got {type(fusion).__name__}")
+    return fusion, damping_controller() if damping is None else damping
+
+
+def _trust_batch(batch, line_search_batch, size: int | None):
+    """Where ``ρ`` is measured: ``line_search_batch`` (else ``batch``), its first ``size`` rows."""
+    trust = batch if line_search_batch is None else line_search_batch
+    return trust if size is None else jax.tree.map(lambda x: x[:size], trust)
+
+
+def _fused_step(model, u, s, lam, correction, *, parallel: str, plane_damping,
+                gn_step_length: str, base_step_length: str):
+    """``(Δ, u, αs, s⊥, scales)`` of ``parallel``'s fusion (``"plane"``: ``u`` as the base
+    made it and ``s`` unscaled, the plane chooses both lengths)."""
+    if parallel == "plane":
+        return _plane_step(model, u, s, lam, plane_damping, base_step_length)
+    return _split_step(model, u, s, lam, correction, parallel, gn_step_length, base_step_length)
+
+
+def _trust_diagnostics(measured: TrustRatio, s_perp, scaled) -> dict:
+    r = measured.curvature_ratio  # 0/0 for a zero step: logged as 0
+    return {"rho": measured.rho, "curvature_ratio": jnp.where(jnp.isfinite(r), r, 0.0),
+            "perp_ratio": otu.tree_norm(s_perp) / jnp.maximum(otu.tree_norm(scaled), 1e-30),
+            "actual_decrease": measured.actual, "predicted_decrease": measured.predicted}
+
+
 def fuse(
     base: optax.GradientTransformation,
     apply_fn: Callable,
@@ -209,7 +248,7 @@ def fuse(
     curvature: AbstractCurvature | None = None,
     fusion: AbstractController | None = None,
     damping: float | AbstractController | None = None,
-    parallel: str = "interpolate",
+    parallel: str = "plane",
     gn_warm_start: float = 1.0,
     trust_batch_size: int | None = None,
     gn_step_length: str = "corrected",
@@ -253,10 +292,7 @@ def fuse(
     base = optax.with_extra_args_support(base)
     direction = GNDirection(apply_fn, loss_fn, cg(max_iters=10) if solver is None else solver,
                             layerwise() if curvature is None else curvature, gn_warm_start)
-    fusion = fusion_weight_controller(kp=0.2, reject_below=0.0) if fusion is None else fusion
-    damping = damping_controller() if damping is None else damping
-    if not isinstance(fusion, AbstractController):
-        raise TypeError(f"{where}: fusion must be a gnopt.control controller, got {type(fusion).__name__}")
+    fusion, damping = _controllers(fusion, damping, where)
     adaptive = isinstance(damping, AbstractController)
     stat_names = STAT_NAMES + direction.solver.stat_names
 
@@ -274,16 +310,12 @@ def fuse(
         if gradient == "solver":
             updates = otu.tree_cast_like(grads, updates)
         u, base_state = base.update(updates, state.base, params, batch=batch, **extra)
-        trust_batch = batch if line_search_batch is None else line_search_batch
-        trust_batch = trust_batch if trust_batch_size is None else jax.tree.map(
-            lambda x: x[:trust_batch_size], trust_batch)
+        trust_batch = _trust_batch(batch, line_search_batch, trust_batch_size)
         model = LinearisedModel(apply_fn, loss_fn, params, trust_batch)
-        if parallel == "plane":  # u as the base made it, s unscaled: the plane chooses both lengths
-            step, u, scaled, s_perp, scales = _plane_step(model, u, s, lam, plane_damping,
-                                                          base_step_length)
-        else:
-            step, u, scaled, s_perp, scales = _split_step(model, u, s, lam, state.length_correction,
-                                                          parallel, gn_step_length, base_step_length)
+        step, u, scaled, s_perp, scales = _fused_step(
+            model, u, s, lam, state.length_correction, parallel=parallel,
+            plane_damping=plane_damping, gn_step_length=gn_step_length,
+            base_step_length=base_step_length)
         measured = trust_ratio(apply_fn, loss_fn, params, trust_batch, step, model=model)
         kept = (measured.actual >= 0) & jnp.isfinite(otu.tree_norm(step))
         controllers = (fusion, damping) if adaptive else (fusion,)
@@ -293,14 +325,11 @@ def fuse(
             apply_fn, loss_fn, params, trust_batch, model, measured, step, u, rejected))
         correction = (_length_correction(measured.curvature_ratio, *correction_limits)
                       if gn_step_length == "corrected" else state.length_correction)
-        diag = {"lambda": lam, "rho": measured.rho, "damping": delta, "accepted": accept,
-                "curvature_ratio": measured.curvature_ratio,
-                "perp_ratio": otu.tree_norm(s_perp) / jnp.maximum(otu.tree_norm(scaled), 1e-30),
-                "actual_decrease": measured.actual, "predicted_decrease": measured.predicted,
-                **scales, **stats}
-        diag = {k: jnp.asarray(diag[k], jnp.float32) for k in stat_names}
+        diag = {"lambda": lam, "damping": delta, "accepted": accept, **scales, **stats,
+                **_trust_diagnostics(measured, s_perp, scaled)}
         new_state = FusionState(base_state, direction.next_start(s), states[0],
-                                states[1] if adaptive else None, correction, diag)
+                                states[1] if adaptive else None, correction,
+                                {k: jnp.asarray(diag[k], jnp.float32) for k in stat_names})
         return otu.tree_cast_like(step, params), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

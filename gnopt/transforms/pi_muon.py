@@ -29,11 +29,11 @@ Our method (design: ``shared/design/algorithms.md`` §3). Per step at ``θ``:
 4. the fused update
 
    * ``parallel="muon"`` (§3 as written): ``Δ = u + λ s⊥``;
-   * ``parallel="interpolate"`` (default, our refinement): the component along
+   * ``parallel="interpolate"`` (our first refinement): the component along
      ``u`` also moves from Muon's to GN's, ``Δ = ((1 − λ) + λ c) u + λ s⊥ =
      (1 − λ) u + λ s``.
 
-   * ``parallel="plane"`` (not yet the default): the GN model minimised exactly
+   * ``parallel="plane"`` (default since issue 17): the GN model minimised exactly
      on the plane ``span{u, s⊥} = span{u, s}`` (``u`` before any model
      shortening; here ``s⊥ = s − (⟨s,u⟩/⟨u,u⟩) u`` with one coefficient for the
      whole pytree, :func:`split_whole`: with the per-leaf split ``s`` itself
@@ -47,8 +47,8 @@ Our method (design: ``shared/design/algorithms.md`` §3). Per step at ``θ``:
      coefficient on ``u`` for that ``c`` (``plane_damping = μ`` damps the
      2×2 problem, ``M + μ diag M``): ``λ = 1`` is the plane's minimiser,
      ``λ = 0`` Muon's direction at the model-optimal length. ``M`` not
-     positive definite (or non-finite) falls back to ``β u``,
-     ``β = clip(−gᵀu/uᵀGu, 0, 1)``. ``gn_step_length`` and
+     positive definite (or non-finite) falls back to the better of ``β u``,
+     ``β = clip(−gᵀu/uᵀGu, 0, 1)``, and ``λ γ s⊥`` (``γ`` likewise along ``s⊥``). ``gn_step_length`` and
      ``muon_step_length`` do not shape this step (the plane chooses both
      lengths); ``muon_step_length="model"`` still makes ``β u`` the Muon
      fallback of a rejected step.
@@ -109,7 +109,7 @@ def pi_muon(
     curvature: AbstractCurvature | None = None,
     fusion: AbstractController | None = None,
     damping: float | AbstractController | None = None,
-    parallel: str = "interpolate",
+    parallel: str = "plane",
     gn_warm_start: float = 1.0,
     trust_batch_size: int | None = None,
     gn_step_length: str = "corrected",
@@ -146,9 +146,10 @@ def pi_muon(
         (default :func:`gnopt.control.damping_controller`). Measured on the
         tiny LLaMA: a fixed ``δ = 1e-3`` without rejection diverges in the
         first steps (loss 5.5 → 1e8); the adaptive defaults train.
-      parallel: ``"interpolate"`` (default), ``"muon"`` (§3 as written) or
-        ``"plane"`` (the GN model minimised on ``span{u, s⊥}``, ``λ`` on the
-        GN coefficient; step 4 of the module docstring).
+      parallel: ``"plane"`` (default: the GN model minimised on
+        ``span{u, s⊥}``, ``λ`` on the GN coefficient), ``"interpolate"`` or
+        ``"muon"`` (§3 as written); step 4 of the module docstring, and
+        ``docs/pi_muon.md`` for why the plane is the default.
       gn_warm_start: factor on the last ``s`` used to start the next solve.
       trust_batch_size: measure ``ρ`` on the first this many sequences of its
         batch (default: all; paper-size batches need a slice to fit in memory).

@@ -71,6 +71,8 @@ References:
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, NamedTuple
 
 import jax
@@ -210,6 +212,64 @@ def _check_soap_args(where: str, b1, b2, eps, precondition_frequency, max_precon
         _check_flag(where, name, value)
 
 
+def _normalized(d: Array) -> Array:
+    return d / (1e-30 + jnp.sqrt(jnp.mean(jnp.square(d))))
+
+
+def _adam_only(updates, state, b1, b2, eps, correct_bias: bool, normalize_grads: bool):
+    """``precondition=False``: optax's Adam (``normalize_grads``/``correct_bias`` honoured)."""
+    count_inc = optax.safe_increment(state.count)
+    if correct_bias:
+        mu, mu_hat = moment(updates, state.mu, b1, 1, count_inc)
+        nu, nu_hat = moment(updates, state.nu, b2, 2, count_inc)
+    else:
+        mu = mu_hat = optax.tree.update_moment(updates, state.mu, b1, 1)
+        nu = nu_hat = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    directions = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
+    if normalize_grads:
+        directions = jax.tree.map(_normalized, directions)
+    return directions, ScaleBySoapState(count_inc, mu, nu, state.factors)
+
+
+def _first_factors(g, v, f: SoapFactors, *, beta_s) -> SoapFactors:
+    """One leaf's first factors ``(1 − β_s)·gram`` and their eigenbases."""
+    gw = g.reshape(v.shape)
+    stats = tuple(None if s is None else (1 - beta_s) * axis_gram(gw, axis)
+                  for axis, s in enumerate(f.stats))
+    return SoapFactors(stats, tuple(None if s is None else _eigenbasis(s) for s in stats))
+
+
+def _soap_leaf(g, m, v, f: SoapFactors, *, b1, b2, eps, beta_s, normalize_grads: bool, scale,
+               refresh):
+    """One leaf of a SOAP step after the first: ``(direction, μ, ν, factors)`` (the module's
+    steps 1–4; the eigenbases refreshed when ``refresh``)."""
+    gw = g.reshape(v.shape).astype(jnp.float32)
+    m = (b1 * m.astype(jnp.float32) + (1 - b1) * g.astype(jnp.float32)).astype(m.dtype)
+    rotated = rotate(gw, f.bases)
+    vw = (b2 * v.astype(jnp.float32) + (1 - b2) * jnp.square(rotated)).astype(v.dtype)
+    m_rot = rotate(m.reshape(v.shape).astype(jnp.float32), f.bases)
+    d = rotate(m_rot / (jnp.sqrt(vw.astype(jnp.float32)) + eps), f.bases, back=True)
+    if normalize_grads:
+        d = _normalized(d)
+    d = (d * scale).reshape(g.shape).astype(g.dtype)
+
+    stats = tuple(None if s is None else beta_s * s + (1 - beta_s) * axis_gram(gw, axis)
+                  for axis, s in enumerate(f.stats))
+
+    def new_bases(vw):
+        bases = list(f.bases)
+        for axis, s in enumerate(stats):
+            if s is not None:
+                bases[axis], vw = _refresh(s, bases[axis], vw, axis)
+        return tuple(bases), vw
+
+    if any(s is not None for s in stats):
+        bases, vw = jax.lax.cond(refresh, new_bases, lambda vw: (f.bases, vw), vw)
+    else:
+        bases = f.bases
+    return d, m, vw, SoapFactors(stats, bases)
+
+
 def scale_by_soap(b1: float = 0.95, b2: float = 0.95, eps: float = 1e-8,
                   precondition_frequency: int = 10, max_precond_dim: int = 10000,
                   shampoo_beta: float | None = None, precondition: bool = True, *,
@@ -261,68 +321,22 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, eps: float = 1e-8,
             nu=jax.tree.map(lambda p: jnp.zeros(leaf_layout(p)[0], jnp.float32), params),
             factors=jax.tree.map(init_leaf, params))
 
-    def normalized(d: Array) -> Array:
-        return d / (1e-30 + jnp.sqrt(jnp.mean(jnp.square(d))))
-
     def adam_only(updates, state):
-        """``precondition=False``: optax's Adam (``normalize_grads``/``correct_bias`` honoured)."""
-        count_inc = optax.safe_increment(state.count)
-        if correct_bias:
-            mu, mu_hat = moment(updates, state.mu, b1, 1, count_inc)
-            nu, nu_hat = moment(updates, state.nu, b2, 2, count_inc)
-        else:
-            mu = mu_hat = optax.tree.update_moment(updates, state.mu, b1, 1)
-            nu = nu_hat = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
-        directions = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
-        if normalize_grads:
-            directions = jax.tree.map(normalized, directions)
-        return directions, ScaleBySoapState(count_inc, mu, nu, state.factors)
+        return _adam_only(updates, state, b1, b2, eps, correct_bias, normalize_grads)
 
     def first_call(updates, state):
         """Initialise the factors to ``(1 − β_s)·gram`` and their eigenbases; zero update."""
-        def leaf(g, v, f: SoapFactors):
-            gw = g.reshape(v.shape)
-            stats = tuple(None if s is None else (1 - beta_s) * axis_gram(gw, axis)
-                          for axis, s in enumerate(f.stats))
-            return SoapFactors(stats, tuple(None if s is None else _eigenbasis(s) for s in stats))
-
-        factors = jax.tree.map(leaf, updates, state.nu, state.factors)
+        factors = jax.tree.map(functools.partial(_first_factors, beta_s=beta_s),
+                               updates, state.nu, state.factors)
         return optax.tree.zeros_like(updates), state._replace(factors=factors)
 
     def later_call(updates, state):
         t = state.count  # Adam steps taken, this one included
         tf = t.astype(jnp.float32)
-        scale = jnp.sqrt(1 - b2**tf) / (1 - b1**tf) if correct_bias else 1.0
-        refresh = t % precondition_frequency == 0
-
-        def leaf(g, m, v, f: SoapFactors):
-            gw = g.reshape(v.shape).astype(jnp.float32)
-            m = (b1 * m.astype(jnp.float32) + (1 - b1) * g.astype(jnp.float32)).astype(m.dtype)
-            rotated = rotate(gw, f.bases)
-            vw = (b2 * v.astype(jnp.float32)
-                  + (1 - b2) * jnp.square(rotated)).astype(v.dtype)
-            m_rot = rotate(m.reshape(v.shape).astype(jnp.float32), f.bases)
-            d = rotate(m_rot / (jnp.sqrt(vw.astype(jnp.float32)) + eps), f.bases, back=True)
-            if normalize_grads:
-                d = normalized(d)
-            d = (d * scale).reshape(g.shape).astype(g.dtype)
-
-            stats = tuple(None if s is None else beta_s * s + (1 - beta_s) * axis_gram(gw, axis)
-                          for axis, s in enumerate(f.stats))
-
-            def new_bases(vw):
-                bases = list(f.bases)
-                for axis, s in enumerate(stats):
-                    if s is not None:
-                        bases[axis], vw = _refresh(s, bases[axis], vw, axis)
-                return tuple(bases), vw
-
-            if any(s is not None for s in stats):
-                bases, vw = jax.lax.cond(refresh, new_bases, lambda vw: (f.bases, vw), vw)
-            else:
-                bases = f.bases
-            return d, m, vw, SoapFactors(stats, bases)
-
+        leaf = functools.partial(
+            _soap_leaf, b1=b1, b2=b2, eps=eps, beta_s=beta_s, normalize_grads=normalize_grads,
+            scale=jnp.sqrt(1 - b2**tf) / (1 - b1**tf) if correct_bias else 1.0,
+            refresh=t % precondition_frequency == 0)
         directions, mu, nu, factors = unzip_leaves(
             updates, jax.tree.map(leaf, updates, state.mu, state.nu, state.factors))
         return directions, ScaleBySoapState(count=state.count, mu=mu, nu=nu, factors=factors)
