@@ -192,7 +192,7 @@ def run(o, argv: list[str] | None) -> dict[str, Any]:
     """Runs the suite with resolved options ``o``; returns the result record."""
     chosen, grids = plan(o)
     params, corpus, evaluate, meta = setup(o)
-    results = []
+    results, files = [], gin_files(chosen)
     for opt in chosen:
         cap = o.max_gn_steps if opt.second_order else o.max_steps
         results.append(runs.sweep(opt, grids[opt.name], params, corpus,
@@ -201,7 +201,7 @@ def run(o, argv: list[str] | None) -> dict[str, Any]:
         # Written after each sweep, so that a run cut off by a time limit keeps what it finished.
         summary, by_target = summarise(results), summarise_targets(results)
         record = {"suite": "steps-to-target", "options": vars_of(o), "target_metric": "val_loss",
-                  "complete": len(results) == len(chosen), **meta, **gin_files(chosen),
+                  "complete": len(results) == len(chosen), **meta, **files,
                   "summary": summary,
                   "by_target": by_target, "results": results}
         path = common.write_result(o.out, o.name, record, argv)

@@ -19,6 +19,7 @@ import optax.tree_utils as otu
 from gnopt._checks import check_int
 from gnopt.line_search import AbstractLineSearch
 from gnopt.solvers import split_microbatches
+from gnopt.transforms.gn_direction import require_batch
 
 
 def tree_loss(apply_fn, loss_fn, params, batch, chunk_size: int | None = None):
@@ -80,8 +81,7 @@ def scale_by_line_search(
     def update_fn(updates, state, params=None, *, batch=None, line_search_batch=None, **extra):
         del extra
         ls_batch = batch if line_search_batch is None else line_search_batch
-        if params is None or ls_batch is None:
-            raise ValueError("scale_by_line_search.update needs params and batch=(inputs, targets)")
+        require_batch("scale_by_line_search", params, ls_batch)
         loss0 = loss_of(params, ls_batch)
         alpha, stats = line_search.search(
             lambda a: loss_of(otu.tree_add_scale(params, a, updates), ls_batch), loss0,

@@ -321,9 +321,6 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, eps: float = 1e-8,
             nu=jax.tree.map(lambda p: jnp.zeros(leaf_layout(p)[0], jnp.float32), params),
             factors=jax.tree.map(init_leaf, params))
 
-    def adam_only(updates, state):
-        return _adam_only(updates, state, b1, b2, eps, correct_bias, normalize_grads)
-
     def first_call(updates, state):
         """Initialise the factors to ``(1 − β_s)·gram`` and their eigenbases; zero update."""
         factors = jax.tree.map(functools.partial(_first_factors, beta_s=beta_s),
@@ -344,7 +341,7 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, eps: float = 1e-8,
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         if not precondition:
-            return adam_only(updates, state)
+            return _adam_only(updates, state, b1, b2, eps, correct_bias, normalize_grads)
         directions, state = jax.lax.cond(state.count == 0, first_call, later_call, updates, state)
         return directions, state._replace(count=optax.safe_increment(state.count))
 
