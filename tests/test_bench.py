@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -242,7 +243,25 @@ def test_batch_scaling_smoke(smoke):
     assert len(noise["steps"]) == len(noise["b_simple"]) >= 1  # finite values only
 
 
-SMOKE_TESTED = {"cost", "steps-to-target", "batch-scaling", "gpu"}  # by the tests above and below
+def test_step_time_smoke_times_the_rows_side_by_side(smoke, monkeypatch):
+    """Every row gets ``--repeats`` timed steps; the ratio is each row's median over the
+    first row's; accepted fractions only where the optimizer reports acceptance; the
+    allocator's environment is recorded."""
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "268435456")
+    out = smoke("step-time", "--optimizers", "pi_muon", "gn_layerwise", "muon", "--repeats", "3")
+    record = json.loads((out / "step_time.json").read_text())
+    assert record["command"].startswith("python -m gnopt.bench step-time")
+    assert record["allocator"]["MALLOC_TRIM_THRESHOLD_"] == "268435456"
+    rows = record["rows"]
+    assert [r["optimizer"] for r in rows] == ["pi_muon", "gn_layerwise", "muon"]
+    for r in rows:
+        assert len(r["seconds"]) == 3 and min(r["seconds"]) > 0
+        assert r["median_s"] == statistics.median(r["seconds"])
+        assert r["ratio"] == pytest.approx(r["median_s"] / rows[0]["median_s"])
+    assert 0.0 <= rows[0]["accepted_fraction"] <= 1.0 and rows[2]["accepted_fraction"] is None
+
+
+SMOKE_TESTED = {"cost", "steps-to-target", "batch-scaling", "gpu", "step-time"}  # by the tests here
 
 
 @pytest.mark.parametrize("suite", sorted(set(SUITES) - SMOKE_TESTED))

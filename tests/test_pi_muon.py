@@ -164,6 +164,9 @@ def test_a_non_finite_gn_step_leaves_the_plane_at_muons_direction():
     assert 0.0 < beta <= 1.0 and float(state.diagnostics["plane_c"]) == 0.0
     np.testing.assert_allclose(ravel_pytree(step)[0], beta * ravel_pytree(u)[0], rtol=1e-5, atol=1e-8)
     assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(state.gn_warm_start))
+    # ρ's model decrease comes from the 2×2 entries; the non-finite s⊥ entries are left out
+    assert np.isfinite(float(state.diagnostics["predicted_decrease"]))
+    assert np.isfinite(float(state.diagnostics["rho"]))
 
 
 def test_a_rejected_step_is_cut_back_to_the_parabola_minimiser(x64):
@@ -320,10 +323,14 @@ def test_plane_coefficients_minimise_the_dense_gn_model_on_the_plane(x64, lam, m
     c_exp = lam * c_star
     a_exp = -(b[0] + m[0, 1] * c_exp) / damped[0, 0]
     model = gnopt.curvature.LinearisedModel(mlp_apply, losses.softmax_cross_entropy, params, trust)
-    ok, a, c, beta = plane_coefficients(model, u, perp, lam, mu)
+    plane = plane_coefficients(model, u, perp, lam, mu)
+    ok, a, c, beta = plane.ok, plane.a, plane.c, plane.beta
     assert bool(ok)
     np.testing.assert_allclose([float(a), float(c)], [a_exp, c_exp], rtol=1e-8)
     assert float(beta) == pytest.approx(float(np.clip(-b[0] / m[0, 0], 0, 1)), rel=1e-8)
+    z = np.array([a_exp, c_exp])  # the step's slope and curvature, for ρ without a tangent pass
+    assert float(plane.slope) == pytest.approx(b @ z, rel=1e-8)
+    assert float(plane.curvature) == pytest.approx(z @ m @ z, rel=1e-8)
     if lam == 1.0:  # the joint minimiser: the model's gradient vanishes on the plane
         np.testing.assert_allclose(damped @ [float(a), float(c)] + b, 0.0, atol=1e-10 * np.abs(b).max())
     tx = pi_muon(mlp_apply, losses.softmax_cross_entropy, 0.02, solver=solver, curvature=curv,
@@ -335,6 +342,7 @@ def test_plane_coefficients_minimise_the_dense_gn_model_on_the_plane(x64, lam, m
     assert float(diag["plane_a"]) == pytest.approx(a_exp, rel=1e-6)  # logged in f32
     assert float(diag["plane_c"]) == pytest.approx(c_exp, rel=1e-6)
     assert bool(diag["accepted"])
+    assert float(diag["predicted_decrease"]) == pytest.approx(-(b @ z + 0.5 * z @ m @ z), rel=1e-6)
     np.testing.assert_allclose(ravel_pytree(step)[0], basis @ [a_exp, c_exp], rtol=1e-7, atol=1e-12)
 
 
@@ -353,9 +361,12 @@ def test_a_zero_base_step_leaves_the_gn_step_on_the_plane(x64, lam):
     s_flat = ravel_pytree(s)[0]
     gamma = float(np.clip(-(grad @ s_flat) / (s_flat @ g_dense @ s_flat), 0.0, 1.0))
     model = gnopt.curvature.LinearisedModel(mlp_apply, losses.softmax_cross_entropy, params, trust)
-    ok, a, c, beta = plane_coefficients(model, u, perp, lam)
-    assert bool(ok) and float(a) == 0.0 and float(beta) == 0.0
-    assert 0.0 < gamma and float(c) == pytest.approx(lam * gamma, rel=1e-8)
+    plane = plane_coefficients(model, u, perp, lam)
+    assert bool(plane.ok) and float(plane.a) == 0.0 and float(plane.beta) == 0.0
+    assert 0.0 < gamma and float(plane.c) == pytest.approx(lam * gamma, rel=1e-8)
+    step = lam * gamma * s_flat
+    assert float(plane.slope) == pytest.approx(float(grad @ step), rel=1e-8)
+    assert float(plane.curvature) == pytest.approx(float(step @ g_dense @ step), rel=1e-8)
 
 
 def test_plane_with_zero_lambda_is_muons_direction_at_the_model_length(x64):

@@ -9,12 +9,13 @@ import tempfile
 
 import jax
 
-from gnopt.bench import common, cost, gpu, layerwise, nls, scaling, steps
+from gnopt.bench import common, cost, gpu, layerwise, nls, scaling, step_time, steps
 
 FAST_COMPILE = "jax_disable_most_optimizations"
 SUITES = {
     "cost": (cost, "GGN product / inner step / outer GN step vs gradient and AdamW"),
     "steps-to-target": (steps, "steps, tokens and time to a target loss at one large batch"),
+    "step-time": (step_time, "trainer steps of gin/steps rows timed side by side, round-robin"),
     "batch-scaling": (scaling, "steps to target vs batch size, with the gradient noise scale"),
     "gpu": (gpu, "cost and steps-to-target on the 45m model, one GPU"),
     "nls": (nls, "Moré-Garbow-Hillstrom least-squares problems, GN with LM damping"),

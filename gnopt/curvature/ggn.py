@@ -453,13 +453,15 @@ class TrustRatio(NamedTuple):
 
 
 def trust_ratio(apply_fn: Callable, loss_fn: LossFn, params, batch, step, *,
-                model: LinearisedModel | None = None) -> TrustRatio:
+                model: LinearisedModel | None = None, along: tuple | None = None) -> TrustRatio:
     """``ρ = (L(θ) − L(θ + Δ)) / (q(0) − q(Δ))`` on one batch (Moré 1983; Martens 2010 §4.1).
 
     ``q(0) − q(Δ) = −(gᵀΔ + ½ ΔᵀGΔ)`` is the full-GGN model's predicted
     decrease. Cost: one tangent pass (``model``: the linearisation at
     ``params`` on ``batch``, built here if not given; building it is one
-    forward) and one extra forward at ``θ + Δ``; no transpose.
+    forward) and one extra forward at ``θ + Δ``; no transpose. ``along``:
+    ``(gᵀΔ, ΔᵀGΔ)`` on ``model``'s batch where the caller has them (PI-Muon's
+    plane, from its 2×2 model), which saves the tangent pass.
 
     ``ρ`` measures the model's accuracy, so a step the model predicts to
     *raise* the loss (possible for steps that are not the model's minimiser,
@@ -472,7 +474,7 @@ def trust_ratio(apply_fn: Callable, loss_fn: LossFn, params, batch, step, *,
     inputs, targets = _check_batch(batch)
     model = LinearisedModel(apply_fn, loss_fn, params, batch) if model is None else model
     step = jax.tree.map(lambda s, p: s.astype(p.dtype), step, params)
-    slope, curv = model.along(step)
+    slope, curv = model.along(step) if along is None else along
     predicted = -(slope + 0.5 * curv)
     moved = jax.tree.map(jnp.add, params, step)
     loss0 = model.loss()

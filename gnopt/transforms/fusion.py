@@ -83,8 +83,19 @@ def _line_minimiser(slope, curvature):
 _PLANE_TOL = 1e-4
 
 
-def plane_coefficients(model: LinearisedModel, u, perp, lam, damping=0.0):
-    """The GN model on ``span{u, s⊥}``: ``(ok, a, c, β)`` (scalars).
+class PlaneStep(NamedTuple):
+    """:func:`plane_coefficients`' answer (scalars): the step ``a u + c s⊥``."""
+
+    ok: jax.Array  # s⊥ enters the step (else c = 0 and s⊥, perhaps non-finite, is left out)
+    a: jax.Array  # coefficient on u
+    c: jax.Array  # coefficient on s⊥
+    beta: jax.Array  # clip(−gᵀu/uᵀGu, 0, 1), the 1-D minimiser along u
+    slope: jax.Array  # gᵀΔ of the step, from b
+    curvature: jax.Array  # ΔᵀGΔ of the step, from M
+
+
+def plane_coefficients(model: LinearisedModel, u, perp, lam, damping=0.0) -> PlaneStep:
+    """The GN model on ``span{u, s⊥}``: a :class:`PlaneStep`.
 
     With ``b = (gᵀu, gᵀs⊥)`` and ``M = [[uᵀGu, uᵀGs⊥], [uᵀGs⊥, s⊥ᵀGs⊥]]`` on
     ``model``'s batch (tangents ``Ju``, ``Js⊥``: two passes; ``G = JᵀH_zJ``, so
@@ -100,7 +111,10 @@ def plane_coefficients(model: LinearisedModel, u, perp, lam, damping=0.0):
     = clip(−gᵀu/uᵀGu, 0, 1)``, ``c = 0``, or ``a = 0``, ``c = λ clip(−gᵀs⊥ /
     s⊥ᵀGs⊥, 0, 1)`` (a base that returns a zero step, as SOAP on its first
     call, leaves the GN step). ``ok``: ``s⊥`` enters the step (it may be
-    non-finite otherwise); ``β`` is returned in every case.
+    non-finite otherwise); ``β`` is returned in every case. The step's slope
+    ``gᵀΔ = a b_u + c b_⊥`` and curvature ``ΔᵀGΔ = [a c] M [a c]ᵀ`` come from
+    the same numbers, so :func:`gnopt.curvature.trust_ratio` needs no tangent
+    pass along ``Δ``.
     """
     ju, jp = model.jvp(u), model.jvp(perp)
     gz = model.output_grad()
@@ -121,7 +135,11 @@ def plane_coefficients(model: LinearisedModel, u, perp, lam, damping=0.0):
     decrease = lambda t, b, m: jnp.where(jnp.isfinite(b * m), -(t * b + 0.5 * t * t * m), -jnp.inf)
     along_perp = ~ok & perp_ok & (decrease(c_line, bp, mpp) > decrease(beta, bu, muu))
     a = jnp.where(ok, a, jnp.where(along_perp, 0.0, beta))
-    return ok | along_perp, a, jnp.where(along_perp, c_line, c), beta
+    c = jnp.where(along_perp, c_line, c)
+    used = ok | along_perp
+    slope = a * bu + jnp.where(used, c * bp, 0.0)
+    curvature = a * a * muu + jnp.where(used, 2 * a * c * mup + c * c * mpp, 0.0)
+    return PlaneStep(used, a, c, beta, slope, curvature)
 
 
 def _parabola_step(measured: TrustRatio, step, u):
@@ -147,18 +165,31 @@ STAT_NAMES = ("lambda", "rho", "gn_scale", "muon_scale", "curvature_ratio", "per
 ``curvature_ratio``: 0 where undefined, a zero step), plus the solver's."""
 
 
-def _plane_step(model, u, s, lam, plane_damping, base_step_length):
+class FusedStep(NamedTuple):
+    """One fusion's answer: the step ``Δ`` and what the transform needs besides."""
+
+    step: Any  # Δ
+    base: Any  # the base step the "muon" fallback takes
+    scaled: Any  # the GN step at the length the fusion used
+    perp: Any  # s⊥
+    scales: dict  # gn_scale, muon_scale, plane_a, plane_c
+    along: tuple | None  # (gᵀΔ, ΔᵀGΔ) where the fusion has them, else None
+
+
+def _plane_step(model, u, s, lam, plane_damping, base_step_length) -> FusedStep:
     """``parallel="plane"``: ``a u + c s⊥`` from :func:`plane_coefficients`."""
     _, s_perp = split_whole(s, u)
-    ok, a, c, beta = plane_coefficients(model, u, s_perp, lam, plane_damping)
+    plane = plane_coefficients(model, u, s_perp, lam, plane_damping)
+    a, c = plane.a, plane.c
     # where s⊥ is not used c = 0, and s⊥ (perhaps non-finite) is left out
-    step = jax.tree.map(lambda ul, pl: a * ul + jnp.where(ok, c * pl, 0.0), u, s_perp)
-    base_scale = beta if base_step_length == "model" else jnp.ones(())
+    step = jax.tree.map(lambda ul, pl: a * ul + jnp.where(plane.ok, c * pl, 0.0), u, s_perp)
+    base_scale = plane.beta if base_step_length == "model" else jnp.ones(())
     scales = {"gn_scale": jnp.ones(()), "muon_scale": base_scale, "plane_a": a, "plane_c": c}
-    return step, otu.tree_scale(base_scale, u), s, s_perp, scales
+    return FusedStep(step, otu.tree_scale(base_scale, u), s, s_perp, scales,
+                     (plane.slope, plane.curvature))
 
 
-def _split_step(model, u, s, lam, kappa, parallel, gn_step_length, base_step_length):
+def _split_step(model, u, s, lam, kappa, parallel, gn_step_length, base_step_length) -> FusedStep:
     """``parallel="interpolate"`` (``(1 − λ) u + λ α s``) or ``"muon"`` (``u + λ α s⊥``),
     the per-leaf split of ``α s`` along ``β u``."""
     gn_scale = (jnp.ones(()) if gn_step_length == "solver"
@@ -175,7 +206,7 @@ def _split_step(model, u, s, lam, kappa, parallel, gn_step_length, base_step_len
         step = jax.tree.map(lambda ul, pl: ul + lam * pl, u, s_perp)
     zero = jnp.zeros(())
     scales = {"gn_scale": gn_scale, "muon_scale": base_scale, "plane_a": zero, "plane_c": zero}
-    return step, u, scaled, s_perp, scales
+    return FusedStep(step, u, scaled, s_perp, scales, None)
 
 
 def _checked_fallback(apply_fn, loss_fn, params, batch, model, measured, step, u, rejected):
@@ -224,9 +255,9 @@ def _trust_batch(batch, line_search_batch, size: int | None):
 
 
 def _fused_step(model, u, s, lam, correction, *, parallel: str, plane_damping,
-                gn_step_length: str, base_step_length: str):
-    """``(Δ, u, αs, s⊥, scales)`` of ``parallel``'s fusion (``"plane"``: ``u`` as the base
-    made it and ``s`` unscaled, the plane chooses both lengths)."""
+                gn_step_length: str, base_step_length: str) -> FusedStep:
+    """``parallel``'s fusion (``"plane"``: ``u`` as the base made it and ``s``
+    unscaled, the plane chooses both lengths)."""
     if parallel == "plane":
         return _plane_step(model, u, s, lam, plane_damping, base_step_length)
     return _split_step(model, u, s, lam, correction, parallel, gn_step_length, base_step_length)
@@ -312,11 +343,13 @@ def fuse(
         u, base_state = base.update(updates, state.base, params, batch=batch, **extra)
         trust_batch = _trust_batch(batch, line_search_batch, trust_batch_size)
         model = LinearisedModel(apply_fn, loss_fn, params, trust_batch)
-        step, u, scaled, s_perp, scales = _fused_step(
+        fused = _fused_step(
             model, u, s, lam, state.length_correction, parallel=parallel,
             plane_damping=plane_damping, gn_step_length=gn_step_length,
             base_step_length=base_step_length)
-        measured = trust_ratio(apply_fn, loss_fn, params, trust_batch, step, model=model)
+        step, u = fused.step, fused.base
+        measured = trust_ratio(apply_fn, loss_fn, params, trust_batch, step, model=model,
+                               along=fused.along)
         kept = (measured.actual >= 0) & jnp.isfinite(otu.tree_norm(step))
         controllers = (fusion, damping) if adaptive else (fusion,)
         states, accept = decide(controllers, (state.fusion, state.damping)[:len(controllers)],
@@ -325,8 +358,8 @@ def fuse(
             apply_fn, loss_fn, params, trust_batch, model, measured, step, u, rejected))
         correction = (_length_correction(measured.curvature_ratio, *correction_limits)
                       if gn_step_length == "corrected" else state.length_correction)
-        diag = {"lambda": lam, "damping": delta, "accepted": accept, **scales, **stats,
-                **_trust_diagnostics(measured, s_perp, scaled)}
+        diag = {"lambda": lam, "damping": delta, "accepted": accept, **fused.scales, **stats,
+                **_trust_diagnostics(measured, fused.perp, fused.scaled)}
         new_state = FusionState(base_state, direction.next_start(s), states[0],
                                 states[1] if adaptive else None, correction,
                                 {k: jnp.asarray(diag[k], jnp.float32) for k in stat_names})

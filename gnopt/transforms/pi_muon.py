@@ -41,7 +41,8 @@ Our method (design: ``shared/design/algorithms.md`` §3). Per step at ``θ``:
      to the interpolate step on a quadratic), see :func:`plane_coefficients`:
      ``q(a u + c s⊥) = a b_u + c b_⊥ + ½ [a c] M [a c]ᵀ`` with
      ``b = (gᵀu, gᵀs⊥)`` and ``M = [[uᵀGu, uᵀGs⊥], [uᵀGs⊥, s⊥ᵀGs⊥]]`` on the
-     trust batch (two tangent passes ``Ju``, ``Js⊥``; ``uᵀGs⊥ = (Ju)ᵀH_z(Js⊥)``).
+     trust batch (two tangent passes ``Ju``, ``Js⊥``; ``uᵀGs⊥ = (Ju)ᵀH_z(Js⊥)``;
+     the step's ``gᵀΔ`` and ``ΔᵀGΔ`` for ``ρ`` follow from ``b`` and ``M``).
      ``λ`` scales the GN coefficient of the joint minimiser ``(a*, c*)``,
      ``c = λ c*``, and ``a = −(b_u + M_u⊥ c)/M_uu`` is then the best
      coefficient on ``u`` for that ``c`` (``plane_damping = μ`` damps the
@@ -64,8 +65,10 @@ Our method (design: ``shared/design/algorithms.md`` §3). Per step at ``θ``:
    the step was built from is optimistic (measured: an accepted ρ = 0.75 on the
    step's own batch took the tiny LLaMA's validation loss from 3.6 to 10.2).
    Steps 2 and 5 share one linearisation on that batch: one primal pass, two
-   tangent passes (``Js``, ``JΔ``) and one forward at ``θ + Δ`` — against the
-   ten forwards of layerwise GN's grid line search;
+   tangent passes (the plane: ``Ju``, ``Js⊥``, ``ρ``'s model decrease from the
+   2×2 model; the other fusions: along ``s`` and ``u``, and ``JΔ``, three) and
+   one forward at ``θ + Δ`` — against the ten forwards of layerwise GN's grid
+   line search;
 6. ``λ`` for the next step from a controller on ``ρ``
    (:class:`gnopt.control.AbstractController`, by default a PI controller; no
    line search); optionally the GN damping ``δ`` from a second controller
