@@ -73,6 +73,9 @@ def test_cost_smoke(smoke):
     assert 1.5 < ratios["ggn_product"]["xla_flop_ratio"] < 1.8
     assert 1.2 < ratios["ggn_cached"]["xla_flop_ratio"] < 1.45
     assert all(r["mfu"] is None for r in record["rows"])  # CPU: no known peak
+    # the outer steps run on text, so PI-Muon's verdicts are those of a real step
+    assert 0.0 <= rows["pi_muon_outer"]["accepted_fraction"] <= 1.0
+    assert rows["gradient"]["accepted_fraction"] is None
 
 
 def test_steps_to_target_smoke(smoke):

@@ -23,6 +23,11 @@ jitted, compiled ahead of time and warmed up, median of ``--repeats`` calls
   with the 10-point line search, per token (no FLOP floor: the layerwise
   products' cost depends on the block structure).
 
+The outer steps run on text (the steps-to-target corpus), the rest on random
+tokens: a PI-Muon step's cost depends on whether it is accepted (a rejected
+step runs one more forward), and on random tokens every step is rejected.
+Each row reports ``accepted_fraction`` where its optimizer logs ``accepted``.
+
 Peak memory is XLA's buffer assignment of each compiled function
 (``compiled.memory_analysis()``: arguments + outputs + temporaries − donated
 aliases), plus the device allocator's running peak where the backend reports
@@ -46,14 +51,14 @@ import optax.tree_utils as otu
 
 import gnopt
 from gnopt import curvature, line_search, models, solvers
-from gnopt.bench import common, plots
+from gnopt.bench import common, plots, runs
 from gnopt.curvature import LinearisedModel
 from gnopt.train import apply_model, make_train_step
 
 FULL = dict(model="tiny", batch=64, seq=128, inner_batch=8, ls_batch=None, repeats=7,
-            products=8, dtype="float32")
+            products=8, dtype="float32", max_bytes=None)
 SMOKE = dict(model="tiny", batch=4, seq=16, inner_batch=2, ls_batch=None, repeats=2,
-             products=3, dtype="float32")
+             products=3, dtype="float32", max_bytes=300_000)
 GOALS = {"ggn_product": 1.8, "inner_step": 1.8, "gn_outer": 2.5}
 
 
@@ -90,10 +95,18 @@ def _compile(fn, *args, donate: bool = False):
 
 
 def _batches(config, batch: int, seq: int, count: int, seed: int = 0):
-    """``count`` batches of random tokens (cost does not depend on the data)."""
+    """``count`` batches of random tokens (the pieces without data-dependent branches)."""
     keys = jax.random.split(jax.random.PRNGKey(seed), count)
     return [(jax.random.randint(k, (batch, seq), 0, config.vocab_size, jnp.int32),) * 2
             for k in keys]
+
+
+def _text_batches(batch: int, seq: int, count: int, max_bytes: int | None):
+    """``count`` batches of the steps-to-target corpus, for the outer steps: PI-Muon's
+    cost depends on the data (a rejected step runs one more forward, and on random
+    tokens, whose loss cannot fall below ``log V``, every step is rejected)."""
+    pipeline = runs.Data.stdlib(seq, val_batch=1, val_batches=1, max_bytes=max_bytes).pipeline(batch)
+    return [next(pipeline) for _ in range(count)]
 
 
 def _inner_solver(inner_batch: int):
@@ -124,9 +137,10 @@ def pieces(config, params, o) -> list[Piece]:
     """The measured functions of one configuration ``o`` (resolved options)."""
     b, big, seq = o.inner_batch, o.batch, o.seq
     ls_big = o.ls_batch or big
-    micro, outer, fresh = _batches(config, b, seq, 1)[0], *_batches(config, big, seq, 2, 1)
-    ls_batch = jax.tree.map(lambda x: x[:ls_big], fresh) if ls_big <= big else _batches(
-        config, ls_big, seq, 1, 2)[0]
+    micro = _batches(config, b, seq, 1)[0]
+    outer, fresh = _text_batches(max(big, ls_big), seq, 2, o.max_bytes)
+    outer = jax.tree.map(lambda x: x[:big], outer)
+    ls_batch = jax.tree.map(lambda x: x[:ls_big], fresh)
     v = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(3), x.shape, x.dtype), params)
 
     def gradient(p, batch):
@@ -184,14 +198,16 @@ def measure(pieces_: list[Piece], repeats: int) -> list[dict[str, Any]]:
     functions, ``repeats`` rounds, so that a change of machine load hits every
     function alike; each time is the median of its rounds.
     """
-    calls, device_peaks = [], []
-    for piece in pieces_:
+    calls, device_peaks, verdicts = [], [], [[] for _ in pieces_]
+    for piece, verdict in zip(pieces_, verdicts):
         args = list(piece.args)
 
-        def call(piece=piece, args=args):
+        def call(piece=piece, args=args, verdict=verdict):
             result = piece.fn(*args)
             if piece.carry:
                 args[0], args[1] = result[0], result[1]
+                if "accepted" in result[4]:
+                    verdict.append(result[4]["accepted"])
             return result
 
         for _ in range(2):  # the first calls of an executable are slower
@@ -214,6 +230,9 @@ def measure(pieces_: list[Piece], repeats: int) -> list[dict[str, Any]]:
             "device_peak_bytes_so_far": device_peaks[i],
             "xla_flops": None if piece.loops else float(cost.get("flops", float("nan"))),
             "flop_factor": piece.flop_factor,
+            # fraction of the timed steps the optimizer accepted (None: it does not say)
+            "accepted_fraction": (statistics.fmean(float(a) for a in verdicts[i][2:])
+                                  if verdicts[i] else None),
         })
     return rows
 
