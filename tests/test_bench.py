@@ -73,9 +73,18 @@ def test_cost_smoke(smoke):
     assert 1.5 < ratios["ggn_product"]["xla_flop_ratio"] < 1.8
     assert 1.2 < ratios["ggn_cached"]["xla_flop_ratio"] < 1.45
     assert all(r["mfu"] is None for r in record["rows"])  # CPU: no known peak
-    # the outer steps run on text, so PI-Muon's verdicts are those of a real step
-    assert 0.0 <= rows["pi_muon_outer"]["accepted_fraction"] <= 1.0
+    assert 0.0 < rows["pi_muon_outer"]["accepted_fraction"] <= 1.0
     assert rows["gradient"]["accepted_fraction"] is None
+
+
+def test_cost_outer_steps_run_on_text():
+    """The outer batches are next-token pairs of the steps-to-target corpus (Python source),
+    not random tokens: a PI-Muon step's cost depends on whether it is accepted."""
+    (inputs, targets), fresh = cost._text_batches(2, 32, 2, 300_000)
+    assert inputs.shape == targets.shape == fresh[0].shape == (2, 32)
+    assert (inputs[:, 1:] == targets[:, :-1]).all()
+    ascii_text = [32 <= b < 127 or b in (9, 10, 13) for b in inputs.ravel().tolist()]
+    assert sum(ascii_text) / len(ascii_text) > 0.95  # random bytes: about 0.4
 
 
 def test_steps_to_target_smoke(smoke):
