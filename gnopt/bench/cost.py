@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 import gnopt
-from gnopt import curvature, line_search, models, solvers
+from gnopt import curvature, data, line_search, models, solvers
 from gnopt.bench import common, plots, runs
 from gnopt.curvature import LinearisedModel
 from gnopt.train import apply_model, make_train_step
@@ -106,7 +106,7 @@ def _text_batches(batch: int, seq: int, count: int, max_bytes: int | None):
     """``count`` batches of the steps-to-target corpus, for the outer steps: PI-Muon's
     cost depends on the data (a rejected step runs one more forward; on random
     tokens PI-Muon's steps at 128 × 64 were all rejected)."""
-    pipeline = runs.Data.stdlib(seq, val_batch=1, val_batches=1, max_bytes=max_bytes).pipeline(batch)
+    pipeline = runs.Data(data.stdlib_corpus("train", max_bytes=max_bytes), [], seq).pipeline(batch)
     return [next(pipeline) for _ in range(count)]
 
 

@@ -61,18 +61,6 @@ def outputs(o) -> list[str]:
     return [os.path.join(o.out, o.name + ".json")]
 
 
-def _rows(o, table) -> list[tuple[runs.Optimizer, float]]:
-    """The chosen rows with their learning rate: ``--lr NAME=LR`` or the file's ``LEARNING_RATE``
-    (the middle of its grid)."""
-    grids = steps.parse_grids(o.lr, table)
-    chosen = steps.selected(o, table)
-    rows = []
-    for opt in chosen:
-        grid = grids.get(opt.name, opt.learning_rates)
-        rows.append((opt, grid[len(grid) // 2]))
-    return rows
-
-
 def _for(opt: runs.Optimizer, pair):
     """The step's batch and, for a second-order row only, the fresh one (as in the
     steps-to-target runs)."""
@@ -83,10 +71,8 @@ def run(o, argv: list[str] | None) -> dict[str, Any]:
     """Runs the suite with resolved options ``o``; returns the result record."""
     if o.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {o.repeats}")
-    if o.batch % o.inner_batch:
-        raise ValueError(f"--batch {o.batch} must be a multiple of --inner-batch {o.inner_batch}")
-    steps.check_ls_batch(o, o.batch)
-    rows = _rows(o, steps.optimizer_table(o))
+    chosen, grids = steps.plan(o)  # each row at the middle of its grid (--lr replaces the grid)
+    rows = [(opt, grids[opt.name][len(grids[opt.name]) // 2]) for opt in chosen]
     params, corpus, _, meta = steps.setup(o)
     pipeline = corpus.pipeline(o.batch)
     pairs = [(next(pipeline), jax.tree.map(lambda x: x[:o.ls_batch], next(pipeline)))
