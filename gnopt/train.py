@@ -994,6 +994,13 @@ class _Run:
         if self.log:
             self.log.close()
 
+    def finish(self, check_skipped: bool = True) -> dict[str, Any]:
+        """Closes the run (and fails it if it skipped too many steps): its summary."""
+        self.close()
+        if check_skipped:
+            self.check_skipped()
+        return self.summary
+
     def check_skipped(self) -> None:
         """Fails a finished run that rejected too many of its steps."""
         steps, skipped, limit = self.step * self.o.grad_accum_steps, self.skipped, \
@@ -1261,9 +1268,7 @@ def train(
     run.open()
     if run.meta["stop_reason"] == "target_loss" or run.step >= num_steps:
         run.say(f"{run_dir} is already finished at step {run.step}")
-        run.close()
-        run.check_skipped()
-        return run.summary
+        return run.finish()
     hooks = ([] if run.dry_run else [ShardWatch(_token_files(run.train_tokens))]) + [
         Progress(), MetricsHook(), CheckpointHook()]
     with _sigterm_received() as sigterm, _closing(hooks):
@@ -1280,10 +1285,7 @@ def train(
             if stop == "nonfinite":
                 run.fail_nonfinite(rejected)
             if stop:
-                run.close()
-                if stop != "sigterm":
-                    run.check_skipped()
-                return run.summary
+                return run.finish(check_skipped=stop != "sigterm")
 
 
 _INITIALIZE = "gnopt.distributed.initialize"

@@ -16,6 +16,7 @@ A PI-fused SOAP + GN is one line::
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -219,13 +220,26 @@ def _checked_fallback(apply_fn, loss_fn, params, batch, model, measured, step, u
     return jax.tree.map(lambda f, s: jnp.where(better, f, 0.0).astype(s.dtype), fallback, step)
 
 
-def _check_arguments(where, *, correction_limits, damping, plane_damping, gn_warm_start,
-                     trust_batch_size, **choices):
+def _verdict(controllers, states, measured: TrustRatio, fused: FusedStep, fallback):
+    """``(new_states, accept, step)``: the controllers' verdict on ``ρ`` (a step that
+    raised the trust-batch loss, or is non-finite, is rejected whatever they say,
+    :func:`gnopt.control.decide`), their states (the fusion's, the damping's or
+    None) and the step kept, ``fused.step`` or ``fallback()``."""
+    kept = (measured.actual >= 0) & jnp.isfinite(otu.tree_norm(fused.step))
+    states, accept = decide(controllers, states, measured.rho, kept)
+    states += (None,) * (2 - len(states))  # a fixed damping has no state
+    return states, accept, jax.lax.cond(accept, lambda: fused.step, fallback)
+
+
+def _check_arguments(*, where, correction_limits, damping, plane_damping, gn_warm_start,
+                     trust_batch_size, **arguments):
+    """Checks :func:`fuse`'s arguments (given as keywords, the ones not checked here ignored)."""
     allowed = {"parallel": ("interpolate", "muon", "plane"), "rejected": ("parabola", "muon"),
                "gradient": ("solver", "given"),
                "gn_step_length": ("solver", "model", "corrected"),
                "base_step_length": ("base", "model")}
-    for name, value in choices.items():
+    for name in allowed:
+        value = arguments[name]
         if value not in allowed[name]:
             raise ValueError(f"{where}: {name} must be one of {', '.join(map(repr, allowed[name]))}, "
                              f"got {value!r}")
@@ -241,11 +255,13 @@ def _check_arguments(where, *, correction_limits, damping, plane_damping, gn_war
 
 
 def _controllers(fusion, damping, where: str):
-    """``fuse``'s fusion-weight and damping controllers, defaults filled in."""
+    """``fuse``'s controllers, defaults filled in: ``(fusion, damping, controllers)``,
+    ``controllers`` the ones that see ``ρ`` (``damping`` among them unless a float)."""
     fusion = fusion_weight_controller(kp=0.2, reject_below=0.0) if fusion is None else fusion
     if not isinstance(fusion, AbstractController):
         raise TypeError(f"{where}: fusion must be a gnopt.control controller, got {type(fusion).__name__}")
-    return fusion, damping_controller() if damping is None else damping
+    damping = damping_controller() if damping is None else damping
+    return fusion, damping, (fusion, damping) if isinstance(damping, AbstractController) else (fusion,)
 
 
 def _trust_batch(batch, line_search_batch, size: int | None):
@@ -315,16 +331,14 @@ def fuse(
       ``line_search_batch`` (a fresh batch on which ``ρ`` is measured); other
       keyword arguments reach ``base``.
     """
-    _check_arguments(where, parallel=parallel, rejected=rejected, gradient=gradient,
-                     gn_step_length=gn_step_length, base_step_length=base_step_length,
-                     correction_limits=correction_limits, damping=damping,
-                     plane_damping=plane_damping, gn_warm_start=gn_warm_start,
-                     trust_batch_size=trust_batch_size)
+    _check_arguments(**locals())  # the arguments, before anything else is defined
     base = optax.with_extra_args_support(base)
     direction = GNDirection(apply_fn, loss_fn, cg(max_iters=10) if solver is None else solver,
                             layerwise() if curvature is None else curvature, gn_warm_start)
-    fusion, damping = _controllers(fusion, damping, where)
-    adaptive = isinstance(damping, AbstractController)
+    fusion, damping, controllers = _controllers(fusion, damping, where)
+    adaptive = len(controllers) == 2
+    fused_step = functools.partial(_fused_step, parallel=parallel, plane_damping=plane_damping,
+                                   gn_step_length=gn_step_length, base_step_length=base_step_length)
     stat_names = STAT_NAMES + direction.solver.stat_names
 
     def init_fn(params):
@@ -343,25 +357,18 @@ def fuse(
         u, base_state = base.update(updates, state.base, params, batch=batch, **extra)
         trust_batch = _trust_batch(batch, line_search_batch, trust_batch_size)
         model = LinearisedModel(apply_fn, loss_fn, params, trust_batch)
-        fused = _fused_step(
-            model, u, s, lam, state.length_correction, parallel=parallel,
-            plane_damping=plane_damping, gn_step_length=gn_step_length,
-            base_step_length=base_step_length)
-        step, u = fused.step, fused.base
-        measured = trust_ratio(apply_fn, loss_fn, params, trust_batch, step, model=model,
+        fused = fused_step(model, u, s, lam, state.length_correction)
+        measured = trust_ratio(apply_fn, loss_fn, params, trust_batch, fused.step, model=model,
                                along=fused.along)
-        kept = (measured.actual >= 0) & jnp.isfinite(otu.tree_norm(step))
-        controllers = (fusion, damping) if adaptive else (fusion,)
-        states, accept = decide(controllers, (state.fusion, state.damping)[:len(controllers)],
-                                measured.rho, kept)
-        step = jax.lax.cond(accept, lambda: step, lambda: _checked_fallback(
-            apply_fn, loss_fn, params, trust_batch, model, measured, step, u, rejected))
+        states, accept, step = _verdict(
+            controllers, (state.fusion, state.damping)[:len(controllers)], measured, fused,
+            lambda: _checked_fallback(apply_fn, loss_fn, params, trust_batch, model, measured,
+                                      fused.step, fused.base, rejected))
         correction = (_length_correction(measured.curvature_ratio, *correction_limits)
                       if gn_step_length == "corrected" else state.length_correction)
         diag = {"lambda": lam, "damping": delta, "accepted": accept, **fused.scales, **stats,
                 **_trust_diagnostics(measured, fused.perp, fused.scaled)}
-        new_state = FusionState(base_state, direction.next_start(s), states[0],
-                                states[1] if adaptive else None, correction,
+        new_state = FusionState(base_state, direction.next_start(s), *states, correction,
                                 {k: jnp.asarray(diag[k], jnp.float32) for k in stat_names})
         return otu.tree_cast_like(step, params), new_state
 
