@@ -15,6 +15,7 @@ import gnopt.testing as gt
 from gnopt import losses
 from gnopt.curvature import BlockDiagonal, LinearisedModel, default_block_labels, full, layerwise
 from gnopt.curvature.extra import EmpiricalFisher, empirical_fisher
+from gnopt.bench import layerwise as layerwise_bench
 from gnopt.bench.layerwise import ZeroFilledLayerwise
 from tests.test_ggn import mlp_apply, mlp_problem
 
@@ -69,6 +70,21 @@ def test_restricted_layerwise_equals_zero_filled(x64, name):
     values, cots = legacy.model_terms(v, "quadratic")
     _close((values, legacy.block_pullback(cots)), old.quadratic_terms(v))
     _close(legacy.quadratic(v, 0.1), old.quadratic_terms(v)[0] + 0.05 * old.block_vdot(v, v))
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_matmul_floor_agrees_with_xla_and_bounds_the_restricted_product(mlp):
+    """XLA's FLOP count (an account we did not write) is the floor's full product, to
+    the elementwise work, and never goes below its layerwise floor, at a shape where
+    the matrix products dominate: the restricted passes skip all the floor allows."""
+    config = gnopt.models.LLaMAConfig(vocab_size=2048, d_model=256, n_layers=3, n_heads=4,
+                                      d_ff=1024, seq_len=64, mlp=mlp)
+    row = layerwise_bench.flop_row(config, batch=1, seq=64)
+    full, floor = (2 * 64 * x for x in layerwise_bench.matmul_floor(config, 64))
+    assert row["full"] == pytest.approx(full, rel=0.02)
+    assert floor <= row["layerwise_restricted"] <= 1.02 * floor
+    assert row["layerwise_zero_filled"] > 1.1 * floor
+    assert row["matmul_floor_over_full"] == pytest.approx(floor / full)
 
 
 @pytest.mark.parametrize("name", ["mlp", "tiny_llama"])

@@ -91,8 +91,45 @@ def _flops(fn, *args) -> float:
     return float((c[0] if isinstance(c, (list, tuple)) else c)["flops"])
 
 
-def flop_rows(names, batch: int, seq: int, dtype: str) -> list[dict[str, Any]]:
-    """XLA FLOPs of one product (with its primal pass) per preset: full, zero-filled, restricted."""
+def matmul_floor(config: models.LLaMAConfig, seq: int) -> tuple[float, float]:
+    """Multiply-adds per token of the matrix products of a full and of an exact layerwise GGN product.
+
+    With ``d = d_model``, ``f = d_ff``, ``m`` MLP matrices (2 GELU, 3 SwiGLU),
+    vocabulary ``V``, ``L`` layers and ``a = seq·d`` for one attention product
+    (``QKᵀ`` or ``AV``), one layer's forward costs ``p = 4d² + m·d·f + 2a`` and the
+    model's ``P = L·p + d·V`` (the head; the embedding is a gather).
+
+    * Full product: the primal pass, the tangent (``W·dx + dW·x`` for each matrix,
+      both factors of an attention product) and the transpose (cotangents of ``x``
+      and of ``W``): ``5P``.
+    * Layerwise, blocks ``embed``, ``layers.0 … L−1``, ``norm``, ``head``
+      (:func:`gnopt.curvature.blocks.default_block_labels`): one primal pass; block
+      ``k`` needs a tangent from ``k`` on and a transpose down to ``k``, nothing
+      before. A layer above ``k`` costs ``W·dx`` and the cotangent of ``x`` only,
+      ``2(4d² + m·d·f + 4a)``; block ``k``'s own layer as in the full product,
+      ``4(4d² + m·d·f + 2a)`` (its first RMSNorm's gain is in the block, so even its
+      queries, keys and values see an input tangent); every block's tangent and
+      transpose cross the head, ``2dV`` (the head's own block: ``dW·h`` and its
+      transpose).
+
+    This counts only what the exact block-diagonal product cannot skip, so it is
+    a floor for the restricted passes (``flop_rows``); XLA's count also has the
+    elementwise work. Returns ``(full, layerwise)``.
+    """
+    d, f, L, V = config.d_model, config.d_ff, config.n_layers, config.vocab_size
+    m = 3 if config.mlp == "swiglu" else 2
+    a = seq * d
+    total = L * (4 * d * d + m * d * f + 2 * a) + d * V
+    above = 2 * (4 * d * d + m * d * f + 4 * a)
+    own = 4 * (4 * d * d + m * d * f + 2 * a)
+    head = 2 * d * V
+    layers = sum(own + (L - 1 - k) * above + head for k in range(L))
+    return 5.0 * total, float(total + layers + (L * above + head) + 2 * head)
+
+
+def flop_row(config: models.LLaMAConfig, batch: int, seq: int) -> dict[str, Any]:
+    """XLA FLOPs of one product (with its primal pass) at ``config``: full, zero-filled,
+    restricted, their ratios and :func:`matmul_floor`'s ratio."""
     products = {
         "full": lambda p, b, v: curvature.full().linearise(apply_model, common.LOSS, p, b).mv(v),
         "layerwise_zero_filled": lambda p, b, v: ZeroFilledLayerwise().linearise(
@@ -100,18 +137,28 @@ def flop_rows(names, batch: int, seq: int, dtype: str) -> list[dict[str, Any]]:
         "layerwise_restricted": lambda p, b, v: curvature.layerwise().linearise(
             apply_model, common.LOSS, p, b).mv(v),
     }
+    params = jax.eval_shape(lambda: models.LLaMA(config, key=jax.random.PRNGKey(0)))
+    tokens = (jax.ShapeDtypeStruct((batch, seq), jnp.int32),) * 2
+    row = {"blocks": len(_blocks.leaf_block_ids(params, _blocks.default_block_labels)[1]),
+           "tokens": batch * seq}
+    for key, fn in products.items():
+        row[key] = _flops(fn, params, tokens, params)
+    row["zero_filled_over_full"] = row["layerwise_zero_filled"] / row["full"]
+    row["restricted_over_full"] = row["layerwise_restricted"] / row["full"]
+    full, layerwise = matmul_floor(config, seq)
+    row["matmul_floor_over_full"] = layerwise / full
+    return row
+
+
+def flop_rows(names, batch: int, seq: int, dtype: str) -> list[dict[str, Any]]:
+    """:func:`flop_row` per preset."""
     rows = []
     for name in names:
-        config = common.model_config(name, dtype=dtype, seq_len=seq)
-        params = jax.eval_shape(lambda: models.LLaMA(config, key=jax.random.PRNGKey(0)))
-        tokens = (jax.ShapeDtypeStruct((batch, seq), jnp.int32),) * 2
-        row = {"model": name, "blocks": len(_blocks.leaf_block_ids(
-            params, _blocks.default_block_labels)[1]), "tokens": batch * seq}
-        for key, fn in products.items():
-            row[key] = _flops(fn, params, tokens, params)
-            print(f"{name}: {key} {row[key]:.4g} FLOPs", flush=True)
-        row["zero_filled_over_full"] = row["layerwise_zero_filled"] / row["full"]
-        row["restricted_over_full"] = row["layerwise_restricted"] / row["full"]
+        row = {"model": name} | flop_row(common.model_config(name, dtype=dtype, seq_len=seq),
+                                         batch, seq)
+        print(f"{name}: full {row['full']:.4g} FLOPs, restricted / full "
+              f"{row['restricted_over_full']:.2f}, matmul floor / full "
+              f"{row['matmul_floor_over_full']:.2f}", flush=True)
         rows.append(row)
     return rows
 
@@ -159,10 +206,12 @@ def outputs(o) -> list[str]:
 
 
 def table(record: dict) -> str:
-    lines = [f"{'model':<7}{'K':>4}{'full GFLOP':>12}{'zero-filled':>13}{'restricted':>12}"]
+    lines = [f"{'model':<7}{'K':>4}{'full GFLOP':>12}{'zero-filled':>13}{'restricted':>12}"
+             f"{'matmul floor':>14}"]
     for r in record["flops"]:
         lines.append(f"{r['model']:<7}{r['blocks']:>4}{r['full'] / 1e9:>12.2f}"
-                     f"{r['zero_filled_over_full']:>12.2f}x{r['restricted_over_full']:>11.2f}x")
+                     f"{r['zero_filled_over_full']:>12.2f}x{r['restricted_over_full']:>11.2f}x"
+                     f"{r['matmul_floor_over_full']:>13.2f}x")
     for r in record["wall"]:
         lines.append(f"{r['name']:<28}{1e3 * r['seconds']:>10.1f} ms")
     for key, value in record["wall_over_gn_full"].items():
