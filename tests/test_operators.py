@@ -80,6 +80,7 @@ def test_matmul_floor_agrees_with_xla_and_bounds_the_restricted_product(mlp):
     config = gnopt.models.LLaMAConfig(vocab_size=2048, d_model=256, n_layers=3, n_heads=4,
                                       d_ff=1024, seq_len=64, mlp=mlp)
     row = layerwise_bench.flop_row(config, batch=1, seq=64)
+    # multiply-adds per token -> FLOPs of the 64 tokens
     full, floor = (2 * 64 * x for x in layerwise_bench.matmul_floor(config, 64))
     assert row["full"] == pytest.approx(full, rel=0.02)
     assert floor <= row["layerwise_restricted"] <= 1.02 * floor

@@ -124,7 +124,9 @@ def matmul_floor(config: models.LLaMAConfig, seq: int) -> tuple[float, float]:
     own = 4 * (4 * d * d + m * d * f + 2 * a)
     head = 2 * d * V
     layers = sum(own + (L - 1 - k) * above + head for k in range(L))
-    return 5.0 * total, float(total + layers + (L * above + head) + 2 * head)
+    embed = L * above + head
+    norm_and_head = 2 * head
+    return 5.0 * total, float(total + embed + layers + norm_and_head)
 
 
 def flop_row(config: models.LLaMAConfig, batch: int, seq: int) -> dict[str, Any]:
