@@ -15,8 +15,7 @@ import gnopt.testing as gt
 from gnopt import losses
 from gnopt.curvature import BlockDiagonal, LinearisedModel, default_block_labels, full, layerwise
 from gnopt.curvature.extra import EmpiricalFisher, empirical_fisher
-from gnopt.bench import layerwise as layerwise_bench
-from gnopt.bench.layerwise import ZeroFilledLayerwise
+from gnopt.bench.layerwise import ZeroFilledLayerwise, flop_row, matmul_floor
 from tests.test_ggn import mlp_apply, mlp_problem
 
 CE = losses.softmax_cross_entropy
@@ -79,9 +78,9 @@ def test_matmul_floor_agrees_with_xla_and_bounds_the_restricted_product(mlp):
     the matrix products dominate: the restricted passes skip all the floor allows."""
     config = gnopt.models.LLaMAConfig(vocab_size=2048, d_model=256, n_layers=3, n_heads=4,
                                       d_ff=1024, seq_len=64, mlp=mlp)
-    row = layerwise_bench.flop_row(config, batch=1, seq=64)
+    row = flop_row(config, batch=1, seq=64)
     # multiply-adds per token -> FLOPs of the 64 tokens
-    full, floor = (2 * 64 * x for x in layerwise_bench.matmul_floor(config, 64))
+    full, floor = (2 * 64 * x for x in matmul_floor(config, 64))
     assert row["full"] == pytest.approx(full, rel=0.02)
     assert floor <= row["layerwise_restricted"] <= 1.02 * floor
     assert row["layerwise_zero_filled"] > 1.1 * floor
